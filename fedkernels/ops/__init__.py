@@ -1,0 +1,13 @@
+"""Compute ops: each has a pure-torch path (CPU, any device) and Triton kernels on CUDA."""
+
+from fedkernels.ops._backend import BACKENDS, resolve_backend, triton_available
+from fedkernels.ops.lora_linear import LoRALinearFunction, dropout_keep_mask, lora_linear
+
+__all__ = [
+    "BACKENDS",
+    "LoRALinearFunction",
+    "dropout_keep_mask",
+    "lora_linear",
+    "resolve_backend",
+    "triton_available",
+]
