@@ -11,7 +11,7 @@ from fedkernels.errors import (
     ShapeError,
     UnknownModuleError,
 )
-from fedkernels.nn import LoRALinear
+from fedkernels.nn import LoRAConfig, LoRALinear, export_peft, from_peft, inject_lora, load_adapter, lora_modules
 from fedkernels.ops import lora_linear
 
 __version__ = "0.1.0"
@@ -22,7 +22,13 @@ __all__ = [
     "ClientUpdateError",
     "ConfigError",
     "FedKernelsError",
+    "LoRAConfig",
     "LoRALinear",
+    "export_peft",
+    "from_peft",
+    "inject_lora",
+    "load_adapter",
+    "lora_modules",
     "NonFiniteError",
     "RankError",
     "ShapeError",

@@ -1,5 +1,19 @@
 """Drop-in layers and model surgery (inject LoRA, peft interop)."""
 
+from fedkernels.nn.inject import LoRAConfig, find_targets, inject_lora, layer_index, lora_modules
 from fedkernels.nn.lora import LoRALinear, base_weight_view
+from fedkernels.nn.peft_interop import export_peft, exported_factors, from_peft, load_adapter
 
-__all__ = ["LoRALinear", "base_weight_view"]
+__all__ = [
+    "LoRAConfig",
+    "LoRALinear",
+    "base_weight_view",
+    "export_peft",
+    "exported_factors",
+    "find_targets",
+    "from_peft",
+    "inject_lora",
+    "layer_index",
+    "load_adapter",
+    "lora_modules",
+]

@@ -186,7 +186,8 @@ class LoRALinear(nn.Module):
             self._dropout_calls += 1
             seed = self.dropout_seed_base * 1_000_003 + self._dropout_calls
         return lora_linear(
-            x, weight, self.base_layer.bias, A, B, self.scale, mask, dropout_p=p, dropout_seed=seed, backend=self.backend
+            x, weight, self.base_layer.bias, A, B, self.scale, mask,
+            dropout_p=p, dropout_seed=seed, backend=self.backend,
         )
 
     def extra_repr(self) -> str:

@@ -30,7 +30,9 @@ def dropout_keep_mask(shape: torch.Size, p: float, seed: int, device: torch.devi
 def _check_shapes(x, weight, bias, lora_A, lora_B, rank_mask) -> None:
     out_f, in_f = weight.shape
     if x.shape[-1] != in_f:
-        raise ShapeError(f"x has {x.shape[-1]} features in its last dim but weight expects in={in_f} (x {tuple(x.shape)})")
+        raise ShapeError(
+            f"x has {x.shape[-1]} features in its last dim but weight expects in={in_f} (x {tuple(x.shape)})"
+        )
     if lora_A.dim() != 2 or lora_A.shape[1] != in_f:
         raise ShapeError(f"lora_A must be [R, {in_f}], got {tuple(lora_A.shape)}")
     rank = lora_A.shape[0]
@@ -168,5 +170,7 @@ def lora_linear(
             x2, weight, bias, lora_A, lora_B, scale, mask, dropout_p=dropout_p, dropout_seed=dropout_seed
         )
     else:
-        y = LoRALinearFunction.apply(x2, weight, bias, lora_A, lora_B, float(scale), mask, float(dropout_p), dropout_seed)
+        y = LoRALinearFunction.apply(
+            x2, weight, bias, lora_A, lora_B, float(scale), mask, float(dropout_p), dropout_seed
+        )
     return y.reshape(*lead, weight.shape[0])

@@ -62,7 +62,8 @@ def test_gradcheck_float64():
     x, w, b, A, B = make(4, 6, 5, 3, torch.float64)
     b.requires_grad_()
     m = torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda *t: lora_linear(*t, 1.3, m, backend="torch"), (x, w.requires_grad_(), b, A, B))
+    f = lambda *t: lora_linear(*t, 1.3, m, backend="torch")  # noqa: E731
+    assert torch.autograd.gradcheck(f, (x, w.requires_grad_(), b, A, B))
 
 
 def test_gradcheck_with_dropout():
@@ -107,7 +108,7 @@ def test_saved_tensors_are_rank_sized():
     for p in (0.0, 0.1):
         saved = {}
 
-        def pack(t):
+        def pack(t, saved=saved):
             ptr = t.untyped_storage().data_ptr()
             if ptr not in param_ptrs:
                 saved[ptr] = t.untyped_storage().nbytes()
