@@ -1,0 +1,205 @@
+"""The `fedkernels` command line: demo, train, compare, plan, export, bench."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fedkernels.errors import FedKernelsError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+console = Console()
+err = Console(stderr=True)
+
+EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+def _fail(exc: Exception) -> None:
+    err.print(f"[bold red]error:[/] {exc}")
+    raise typer.Exit(2)
+
+
+def _pairs(args: list[str]) -> dict[str, str]:
+    """``--key value`` / ``--key=value`` extra arguments as a dict of overrides."""
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if not a.startswith("--"):
+            raise FedKernelsError(f"unexpected argument {a!r}; overrides look like --key value")
+        key, eq, value = a[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args):
+                raise FedKernelsError(f"override {a!r} has no value")
+            value = args[i + 1]
+            i += 1
+        out[key.replace("-", "_")] = value
+        i += 1
+    return out
+
+
+def _load_config(config: Path | None, overrides: dict[str, str]):
+    from fedkernels.federated import FederatedConfig
+
+    base = FederatedConfig.from_file(config) if config else FederatedConfig()
+    return base.with_overrides(overrides) if overrides else base
+
+
+def _setup_logging(verbose: bool) -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
+                        handlers=[RichHandler(console=err, show_path=False)])
+
+
+@app.command(context_settings=EXTRA)
+def train(
+    ctx: typer.Context,
+    config: Path = typer.Option(None, "--config", "-c", help="YAML/TOML/JSON FederatedConfig file."),
+    resume: Path = typer.Option(None, "--resume", help="Continue the run in this output folder."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Run one federated training. Any config field can be overridden: --rounds 3 --strategy fedra."""
+    _setup_logging(verbose)
+    from fedkernels.federated import FederatedConfig, FederatedTrainer
+
+    try:
+        overrides = _pairs(ctx.args)
+        if resume is not None:
+            saved = Path(resume) / "config.json"
+            if not saved.is_file():
+                raise FedKernelsError(f"--resume {str(resume)!r}: no config.json in that folder")
+            cfg = FederatedConfig.from_file(saved)
+            cfg = cfg.with_overrides(overrides) if overrides else cfg
+        else:
+            cfg = _load_config(config, overrides)
+        trainer = FederatedTrainer(cfg, progress=sys.stderr.isatty())
+        summary = trainer.run(resume=resume is not None)
+    except (FedKernelsError, ValueError) as exc:
+        _fail(exc)
+    table = Table(title=f"{cfg.strategy} on {cfg.dataset}")
+    for col in ("round", "accuracy", "loss", "clients ok", "MiB up", "s"):
+        table.add_column(col, justify="right")
+    for h in summary.history:
+        table.add_row(str(h["round"]), f"{h['accuracy']:.3f}", f"{h['loss']:.3f}",
+                      f"{len(h['succeeded'])}/{len(h['sampled'])}" + (" skipped" if h["skipped"] else ""),
+                      f"{h['bytes_up'] / 2**20:.2f}", f"{h['wall_s']:.1f}")
+    console.print(table)
+    console.print(f"metrics: {summary.output_dir / 'metrics.jsonl'}  adapter: {summary.adapter_dir}")
+
+
+def _compare_and_report(cfg, strategies, partitions, seeds, out: Path, dataset=None) -> None:
+    from fedkernels.federated.compare import compare, plot_runs, summarise, write_table_csv
+
+    runs = compare(cfg, strategies, partitions, seeds, progress=sys.stderr.isatty(), dataset=dataset)
+    rows = summarise(runs)
+    table = Table(title=f"final held-out accuracy, mean ± std over {len(seeds)} seed(s)")
+    table.add_column("strategy")
+    for p in partitions:
+        table.add_column(p, justify="right")
+    table.add_column("MiB up / run", justify="right")
+    for s in strategies:
+        cells = []
+        for p in partitions:
+            row = next(r for r in rows if r["strategy"] == s and r["partition"] == p)
+            cells.append(f"{100 * row['accuracy_mean']:.1f} ± {100 * row['accuracy_std']:.1f}")
+        up = next(r for r in rows if r["strategy"] == s)["mb_up_mean"]
+        table.add_row(s, *cells, f"{up:.1f}")
+    console.print(table)
+    write_table_csv(rows, out / "compare.csv")
+    png = plot_runs(runs, out / "compare.png")
+    console.print(f"table: {out / 'compare.csv'}\nplot:  {png}")
+
+
+@app.command(context_settings=EXTRA)
+def compare(
+    ctx: typer.Context,
+    strategies: str = typer.Option("fedpilot,fedit-min,fedra", help="Comma-separated strategy presets."),
+    partition: str = typer.Option("dirichlet:0.5", "--partition", help="Comma-separated partitions."),
+    seeds: int = typer.Option(1, help="Seeds 0..N-1 per strategy and partition."),
+    config: Path = typer.Option(None, "--config", "-c"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Compare strategies across partitions and seeds: a table, a CSV and a PNG plot."""
+    _setup_logging(verbose)
+    try:
+        cfg = _load_config(config, _pairs(ctx.args))
+        _compare_and_report(cfg, [s.strip() for s in strategies.split(",") if s.strip()],
+                            [p.strip() for p in partition.split(",") if p.strip()], list(range(seeds)),
+                            Path(cfg.output_dir))
+    except (FedKernelsError, ValueError) as exc:
+        _fail(exc)
+
+
+@app.command(context_settings=EXTRA)
+def demo(ctx: typer.Context, verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
+    """MiniLM-L6 on BBC News, 20 clients in 3 memory tiers, Dirichlet 0.5: fedpilot vs fedit-min vs fedra."""
+    _setup_logging(verbose)
+    from fedkernels.federated import FederatedConfig
+
+    try:
+        cfg = FederatedConfig(output_dir="runs/demo").with_overrides(_pairs(ctx.args))
+        console.print(f"[bold]fedkernels demo[/]: {cfg.model} on {cfg.dataset}, {cfg.num_clients} clients in "
+                      f"{len(cfg.budget_tiers)} memory tiers, {cfg.partition}, {cfg.rounds} rounds")
+        _compare_and_report(cfg, ["fedpilot", "fedit-min", "fedra"], [cfg.partition], [cfg.seed],
+                            Path(cfg.output_dir))
+    except (FedKernelsError, ValueError) as exc:
+        _fail(exc)
+
+
+@app.command()
+def export(
+    run_dir: Path = typer.Argument(..., help="Output folder of a (possibly unfinished) training run."),
+    out: Path = typer.Argument(..., help="Folder to write the peft adapter to."),
+) -> None:
+    """Export the latest checkpoint of a run as a vanilla-peft adapter."""
+    from fedkernels.federated import FederatedConfig, FederatedTrainer
+    from fedkernels.federated.checkpoint import latest_checkpoint, load_checkpoint
+
+    try:
+        cfg = FederatedConfig.from_file(run_dir / "config.json")
+        ckpt = latest_checkpoint(run_dir / "checkpoints")
+        if ckpt is None:
+            raise FedKernelsError(f"no checkpoint in {str(run_dir / 'checkpoints')!r}")
+        trainer = FederatedTrainer(cfg)
+        trainer._load_state(*load_checkpoint(ckpt))
+        trainer.out = out.parent if out.name == "adapter" else out
+        path = trainer._export()
+    except (FedKernelsError, ValueError) as exc:
+        _fail(exc)
+    console.print(f"exported round {trainer.round} to {path}")
+
+
+@app.command()
+def bench(
+    suite: str = typer.Argument("all", help="all | lora_linear | kernels | aggregation | solvers"),
+) -> None:
+    """Run the pytest-benchmark suites in bench/ and print their tables."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent / "bench"
+    target = str(root) if suite == "all" else str(root / f"bench_{suite}.py")
+    if not Path(target).exists():
+        _fail(FedKernelsError(f"no benchmark suite {suite!r} ({target} missing)"))
+    raise typer.Exit(subprocess.call([sys.executable, "-m", "pytest", target, "--benchmark-enable", "-q"]))
+
+
+def _mount_plan() -> None:
+    try:
+        from solvers.cli import plan_command
+    except ImportError:
+        return
+    app.command(name="plan", help="Solve memory-fitting allocation plans for clients (no model weights needed).")(
+        plan_command
+    )
+
+
+_mount_plan()
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,173 @@
+"""Local training of one simulated client on the shared model, under its plan."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fedkernels.federated.data import TokenizedData, rng_for
+from fedkernels.nn import LoRALinear
+
+__all__ = ["ClientResult", "load_adapter_state", "train_client", "count_training_bytes"]
+
+Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class ClientResult:
+    """What a client sends back: its trained factors (planned modules, at its ranks) and head."""
+
+    client_id: int
+    factors: Factors
+    ranks: dict[str, int]
+    scales: dict[str, float]
+    head: dict[str, torch.Tensor]
+    num_samples: int
+    loss: float
+    measured_bytes: int | None = None
+    wall_s: float = 0.0
+    bytes_down: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def bytes_up(self) -> int:
+        n = sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.factors.values())
+        return n + sum(t.numel() * t.element_size() for t in self.head.values())
+
+
+@torch.no_grad()
+def load_adapter_state(layers: dict[str, LoRALinear], state: Factors, ranks: dict[str, int] | None = None) -> int:
+    """Copy factors into the layers (first r ranks; the rest zeroed) and set each active rank.
+
+    Returns the bytes loaded (what a client downloads).
+    """
+    nbytes = 0
+    for name, (A, B) in state.items():
+        layer = layers[name]
+        r = A.shape[0] if ranks is None else ranks.get(name, A.shape[0])
+        layer.lora_A.zero_()
+        layer.lora_B.zero_()
+        layer.lora_A[: A.shape[0]].copy_(A)
+        layer.lora_B[:, : B.shape[1]].copy_(B)
+        layer.set_active_rank(min(r, layer.r))
+        nbytes += A.numel() * A.element_size() + B.numel() * B.element_size()
+    return nbytes
+
+
+def count_training_bytes(model: nn.Module, batch: dict, params: list[nn.Parameter], loss_fn) -> int:
+    """Training memory of one step, counted the way `solvers.memory.measure` counts it.
+
+    Saved-for-backward bytes (unique storages, parameters excluded) + every parameter + a gradient and
+    two AdamW states per trainable parameter.
+    """
+    param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in param_ptrs:
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = loss_fn(model, batch)
+    del loss
+    static = sum(p.numel() * p.element_size() for p in model.parameters())
+    trainable = sum(p.numel() * p.element_size() for p in params)
+    return int(sum(saved.values()) + static + 3 * trainable)
+
+
+def _loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    return F.cross_entropy(out.logits.float(), batch["labels"])
+
+
+def train_client(
+    *,
+    client_id: int,
+    model: nn.Module,
+    layers: dict[str, LoRALinear],
+    head: nn.Module,
+    plan: dict[str, int],
+    start: Factors,
+    global_factors: Factors,
+    global_head: dict[str, torch.Tensor],
+    data: TokenizedData,
+    indices: np.ndarray,
+    local_steps: int,
+    batch_size: int,
+    optimizer: str,
+    lr: float,
+    weight_decay: float,
+    seed: int,
+    round_idx: int,
+    measure_memory: bool = False,
+) -> ClientResult:
+    """Train client ``client_id`` for ``local_steps`` steps on its ``indices`` under ``plan`` (module -> rank).
+
+    Modules outside the plan carry the global adapter frozen (they still act in forward); planned modules
+    start from ``start`` (what the aggregation rule hands this client) at their planned rank and train.
+    Randomness (batch order, dropout) derives from (seed, round, client): resuming needs no RNG pickles.
+    """
+    t0 = time.perf_counter()
+    bytes_down = load_adapter_state(layers, global_factors)
+    for layer in layers.values():
+        layer.trainable = False
+    bytes_down += load_adapter_state(layers, {m: start[m] for m in plan if m in start}, plan)
+    for m, r in plan.items():
+        if m not in start:  # no start given: the global factors truncated to the planned rank
+            layers[m].set_active_rank(min(r, layers[m].r))
+        layers[m].trainable = True
+    head.load_state_dict(global_head)
+    for p in head.parameters():
+        p.requires_grad_(True)
+    params = [p for m in plan for p in (layers[m].lora_A, layers[m].lora_B)] + list(head.parameters())
+    if optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    else:
+        opt = torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+
+    rng = rng_for(seed, round_idx, client_id, 0xC11E)
+    torch.manual_seed(int(rng.integers(2**62)))  # base dropout / LoRA dropout streams
+    order = rng.permutation(indices)
+    model.train()
+    losses = []
+    measured = None
+    for step in range(local_steps):
+        lo = (step * batch_size) % len(order)
+        idx = np.take(order, range(lo, lo + batch_size), mode="wrap")
+        batch = data.batch(idx)
+        if measure_memory and step == 0:
+            measured = count_training_bytes(model, batch, params, _loss)
+        loss = _loss(model, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    model.eval()
+    factors = {}
+    ranks = {}
+    for m, r in plan.items():
+        layer = layers[m]
+        r = layer.active_rank
+        factors[m] = (layer.lora_A.detach()[:r].clone(), layer.lora_B.detach()[:, :r].clone())
+        ranks[m] = r
+        layer.trainable = False
+    head_state = {k: v.detach().clone() for k, v in head.state_dict().items()}
+    return ClientResult(
+        client_id=client_id,
+        factors=factors,
+        ranks=ranks,
+        scales={m: layers[m].scale for m in plan},
+        head=head_state,
+        num_samples=len(indices),
+        loss=float(np.mean(losses)) if losses else float("nan"),
+        measured_bytes=measured,
+        wall_s=time.perf_counter() - t0,
+        bytes_down=bytes_down,
+    )

@@ -1,0 +1,234 @@
+"""`FederatedConfig`: every knob of a federated run, loadable from YAML/TOML and overridable by key=value."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedkernels.errors import ConfigError
+
+__all__ = ["FederatedConfig", "STRATEGIES"]
+
+# Presets combining an allocation (solvers.strategies) and an aggregation rule (fedkernels.aggregation).
+STRATEGIES = ("fedpilot", "fedhello", "fedra", "hetlora", "flexlora", "flora", "fedit-min", "fedit-full")
+PARTITIONS = ("iid", "dirichlet", "pathological")
+
+
+@dataclass
+class FederatedConfig:
+    """A federated LoRA fine-tuning run.
+
+    Args:
+        model: bundled model name (``minilm-l6``, ``tiny-bert`` for tests) or a local HF model folder.
+        dataset: ``bbc-news`` (bundled) or a local CSV/JSON/JSONL file with ``text`` and ``label`` columns.
+        partition: ``iid``, ``dirichlet:<alpha>`` or ``pathological:<classes per client>``.
+        num_clients: number of clients the data is split over.
+        fraction: share of clients sampled each round (at least one).
+        rounds: federated rounds.
+        local_steps: optimizer steps per client per round.
+        batch_size, seq_len: local batch shape (texts are padded/truncated to seq_len tokens).
+        optimizer: ``adamw`` or ``sgd``; lr, weight_decay: its settings.
+        lora_rank, lora_alpha, lora_dropout, lora_targets: the adapter every client may train a subset of.
+        strategy: one of STRATEGIES.
+        allocation: override the preset's allocation (``fedhello-fim``, ``fedhello-gd:triangle``, ...).
+        budgets: per-client memory budgets in human units (``["300MiB", ...]``), one per client; or
+        budgets_file: a CSV of ``client,budget`` rows; or, when neither is given,
+        budget_tiers: tiers as fractions of the way from the cheapest trainable plan (0) to training
+            everything (1), e.g. ``[0.15, 0.5, 1.0]``; clients are spread over the tiers round-robin.
+        test_fraction: share of the data held out for global evaluation; max_eval caps its size.
+        min_fit_fraction: a round aggregates only if at least this share of sampled clients succeeded.
+        planner_backend: solver backend for allocation plans (``dp``, ``greedy``, ``pulp``, ``cvxpy``).
+        aggregation_options: extra keyword options of the aggregation rule.
+        parallel_clients: simulate this many clients per forward/backward with MultiLoRALinear (1 = off).
+        measure_memory: measure each client's training memory (saved tensors + params/grads/states).
+        faults: fault injection for tests and demos: client id -> ``raise`` | ``nan`` | ``shape``.
+        seed: drives partitioning, sampling, allocation, initialisation and local training.
+        output_dir: where metrics, checkpoints and the exported adapter go.
+    """
+
+    model: str = "minilm-l6"
+    dataset: str = "bbc-news"
+    partition: str = "dirichlet:0.5"
+    num_clients: int = 20
+    fraction: float = 0.25
+    rounds: int = 4
+    local_steps: int = 4
+    batch_size: int = 8
+    seq_len: int = 64
+    optimizer: str = "adamw"
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=lambda: ["query", "value"])
+    strategy: str = "fedpilot"
+    allocation: str | None = None
+    budgets: list[str] | None = None
+    budgets_file: str | None = None
+    budget_tiers: list[float] = field(default_factory=lambda: [0.15, 0.5, 1.0])
+    test_fraction: float = 0.15
+    max_eval: int = 300
+    max_examples: int | None = None
+    min_fit_fraction: float = 0.5
+    planner_backend: str = "dp"
+    aggregation_options: dict[str, Any] = field(default_factory=dict)
+    parallel_clients: int = 1
+    measure_memory: bool = True
+    faults: dict[str, str] = field(default_factory=dict)
+    backend: str = "auto"
+    seed: int = 0
+    output_dir: str = "runs/fedkernels"
+
+    def __post_init__(self) -> None:
+        def bad(name: str, why: str) -> ConfigError:
+            return ConfigError(f"FederatedConfig.{name} {why}, got {getattr(self, name)!r}")
+
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"FederatedConfig.strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        self.partition_spec()  # validates
+        for name in ("num_clients", "rounds", "local_steps", "batch_size", "seq_len", "lora_rank", "parallel_clients"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise bad(name, "must be a positive integer")
+        if not 0.0 < self.fraction <= 1.0:
+            raise bad("fraction", "must be in (0, 1]")
+        if not 0.0 <= self.min_fit_fraction <= 1.0:
+            raise bad("min_fit_fraction", "must be in [0, 1]")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise bad("test_fraction", "must be in (0, 1)")
+        if not self.lr > 0:
+            raise bad("lr", "must be positive")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise bad("optimizer", "must be 'adamw' or 'sgd'")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise bad("lora_dropout", "must be in [0, 1)")
+        if not self.budget_tiers or any(not 0.0 <= t <= 1.0 for t in self.budget_tiers):
+            raise bad("budget_tiers", "must be a non-empty list of fractions in [0, 1]")
+        if self.budgets is not None and len(self.budgets) != self.num_clients:
+            raise ConfigError(
+                f"FederatedConfig.budgets has {len(self.budgets)} entries but num_clients is {self.num_clients}"
+            )
+        for cid, kind in self.faults.items():
+            if kind not in ("raise", "nan", "shape"):
+                raise ConfigError(f"FederatedConfig.faults[{cid!r}] must be raise|nan|shape, got {kind!r}")
+
+    # ------------------------------------------------------------------ helpers
+    def partition_spec(self) -> tuple[str, float | None]:
+        kind, _, arg = self.partition.partition(":")
+        if kind not in PARTITIONS:
+            raise ConfigError(
+                f"FederatedConfig.partition must be iid, dirichlet:<alpha> or pathological:<k>, got {self.partition!r}"
+            )
+        if kind == "iid":
+            return kind, None
+        try:
+            value = float(arg) if arg else (0.5 if kind == "dirichlet" else 2.0)
+        except ValueError:
+            raise ConfigError(f"FederatedConfig.partition has a non-numeric parameter: {self.partition!r}") from None
+        if value <= 0 or (kind == "pathological" and value != int(value)):
+            raise ConfigError(f"FederatedConfig.partition parameter must be positive (an integer for "
+                              f"pathological), got {self.partition!r}")
+        return kind, value
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FederatedConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"unknown FederatedConfig keys {unknown}; valid keys: {sorted(names)}")
+        return cls(**data)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> FederatedConfig:
+        """Load a ``.yaml``/``.yml``, ``.toml`` or ``.json`` file (a ``[federated]`` TOML table is accepted)."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        text = path.read_text()
+        try:
+            if path.suffix in (".yaml", ".yml"):
+                import yaml
+
+                data = yaml.safe_load(text) or {}
+            elif path.suffix == ".toml":
+                data = tomllib.loads(text)
+                data = data.get("federated", data)
+            elif path.suffix == ".json":
+                data = json.loads(text)
+            else:
+                raise ConfigError(f"config file {str(path)!r} must end in .yaml, .yml, .toml or .json")
+        except (ValueError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot parse config file {str(path)!r}: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys, got {type(data).__name__}")
+        return cls.from_dict(data)
+
+    def with_overrides(self, overrides: dict[str, str] | list[str]) -> FederatedConfig:
+        """Copy with fields replaced from strings (``{"rounds": "3"}`` or ``["rounds=3"]``), parsed by type."""
+        if isinstance(overrides, list):
+            pairs = {}
+            for item in overrides:
+                key, sep, value = item.partition("=")
+                if not sep:
+                    raise ConfigError(f"override {item!r} must look like key=value")
+                pairs[key.strip().replace("-", "_")] = value
+            overrides = pairs
+        data = self.to_dict()
+        hints = typing.get_type_hints(type(self))
+        for key, raw in overrides.items():
+            key = key.replace("-", "_")
+            if key not in data:
+                raise ConfigError(f"unknown FederatedConfig key {key!r}; valid keys: {sorted(data)}")
+            data[key] = _parse_value(key, raw, hints[key])
+        return type(self).from_dict(data)
+
+
+def _parse_value(key: str, raw: Any, hint: Any) -> Any:
+    if not isinstance(raw, str):
+        return raw
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if raw.lower() in ("none", "null") and type(None) in args:
+        return None
+    base = next((a for a in args if a is not type(None)), hint) if origin in (typing.Union, type(None)) or (
+        args and type(None) in args) else hint
+    b_origin = typing.get_origin(base)
+    try:
+        if base is bool:
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if base is int:
+            return int(raw)
+        if base is float:
+            return float(raw)
+        if base is str:
+            return raw
+        if b_origin is list:
+            if raw.strip().startswith("["):
+                return json.loads(raw)
+            (item,) = typing.get_args(base)
+            items = [s.strip() for s in raw.split(",") if s.strip()]
+            return [float(s) if item is float else int(s) if item is int else s for s in items]
+        if b_origin is dict:
+            if raw.strip().startswith("{"):
+                return json.loads(raw)
+            out = {}
+            for part in raw.split(","):
+                k, _, v = part.partition(":")
+                out[k.strip()] = v.strip()
+            return out
+    except (ValueError, json.JSONDecodeError):
+        raise ConfigError(f"cannot parse value {raw!r} for FederatedConfig.{key} ({hint})") from None
+    return raw

@@ -1,0 +1,419 @@
+"""`FederatedTrainer`: rounds of sampling, planning, local training, validation, aggregation, evaluation.
+
+In-process simulation over one shared model: clients take turns on it, each under its own plan (which
+modules it trains, at which rank) from `solvers`, and the server aggregates with a
+`fedkernels.aggregation` rule. Everything random derives from (seed, round, client), so a run resumed
+from a checkpoint ends bitwise identical to an uninterrupted one on the same machine.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fedkernels.errors import ConfigError
+from fedkernels.federated import planning
+from fedkernels.federated.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from fedkernels.federated.client import ClientResult, train_client
+from fedkernels.federated.config import FederatedConfig
+from fedkernels.federated.data import TokenizedData, load_dataset, partition, rng_for, tokenize
+from fedkernels.federated.model import build_model
+from fedkernels.io import atomic_write_json
+from fedkernels.nn import LoRAConfig, export_peft
+
+__all__ = ["FederatedTrainer", "RunSummary", "PRESETS"]
+
+log = logging.getLogger("fedkernels.federated")
+
+# strategy preset -> (allocation strategy of solvers.strategies, aggregation rule of fedkernels.aggregation)
+PRESETS: dict[str, tuple[str, str]] = {
+    "fedpilot": ("fedpilot", "fedpilot"),
+    "fedhello": ("fedhello-rgd:bottleneck", "fedhello"),
+    "fedra": ("fedra", "fedra"),
+    "hetlora": ("hetlora", "hetlora"),
+    "flexlora": ("flexlora", "flexlora"),
+    "flora": ("hetlora", "flora"),
+    "fedit-min": ("uniform-min", "fedit"),
+    "fedit-full": ("full", "fedit"),
+}
+
+
+@dataclass
+class RunSummary:
+    rounds: int
+    final_accuracy: float
+    final_loss: float
+    history: list[dict]
+    output_dir: Path
+    adapter_dir: Path | None
+    allocation: list[list[float]] | None = None  # clients x layers trained share, filled by `compare`
+
+
+class FederatedTrainer:
+    """Run a federated LoRA fine-tuning described by a `FederatedConfig`.
+
+    Args:
+        config: the run.
+        dataset: a `datasets.Dataset` with ``text`` and ``label`` to use instead of ``config.dataset``.
+        fault_hook: ``hook(client_id, round, result) -> result`` applied to every client result before
+            validation (tests use it to simulate bad clients; raising inside it = a crashing client).
+        progress: show rich progress bars.
+    """
+
+    def __init__(
+        self,
+        config: FederatedConfig,
+        *,
+        dataset=None,
+        fault_hook: Callable[[int, int, ClientResult], ClientResult] | None = None,
+        progress: bool = False,
+    ) -> None:
+        self.cfg = config
+        self.fault_hook = fault_hook
+        self.progress = progress
+        self.out = Path(config.output_dir)
+        self._dataset = dataset
+        self._setup()
+
+    # ------------------------------------------------------------------ set-up
+    def _setup(self) -> None:
+        cfg = self.cfg
+        ds = self._dataset if self._dataset is not None else load_dataset(cfg.dataset)
+        num_labels = ds.features["label"].num_classes
+        lora = LoRAConfig(r=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                          target_modules=list(cfg.lora_targets), backend=cfg.backend)
+        self.tokenizer, self.model, self.layers, self.head_name = build_model(cfg.model, num_labels, lora,
+                                                                             seed=cfg.seed)
+        self.head = self.model.get_submodule(self.head_name)
+        data = tokenize(ds, self.tokenizer, cfg.seq_len, cfg.max_examples, seed=cfg.seed)
+        self.data: TokenizedData = data
+        labels = data.labels.numpy()
+        rng = rng_for(cfg.seed, 0x7E57)
+        perm = rng.permutation(len(labels))
+        n_test = max(1, int(round(cfg.test_fraction * len(labels))))
+        self.test_idx = np.sort(perm[:n_test])[: cfg.max_eval]
+        train_idx = np.sort(perm[n_test:])
+        parts = partition(labels[train_idx], cfg.num_clients, cfg.partition_spec(), cfg.seed)
+        self.client_indices = [train_idx[p] for p in parts]
+        self.module_names = list(self.layers)
+        allocation, rule_name = PRESETS[cfg.strategy]
+        self.allocation = cfg.allocation or allocation
+        self.rule_name = rule_name
+        self.planner = planning.Planner(self.model, self.layers, cfg, self.allocation)
+        self.budgets = self.planner.client_budgets()
+        self.planner.check_feasible(self.budgets)  # stops the run before round 1, naming the client
+        from fedkernels import aggregation
+
+        self.rule = aggregation.get(rule_name, **cfg.aggregation_options)
+        self.global_state = aggregation.GlobalState.from_factors(
+            {m: (l.lora_A.detach().clone(), l.lora_B.detach().clone()) for m, l in self.layers.items()},
+            {m: l.scale for m, l in self.layers.items()},
+        )
+        self.global_head = {k: v.detach().clone() for k, v in self.head.state_dict().items()}
+        self.client_starts: dict[int, dict] = {}
+        self.history: list[dict] = []
+        self.round = 0
+
+    # ------------------------------------------------------------------ state
+    def _state_tensors(self) -> tuple[dict[str, torch.Tensor], dict]:
+        tensors: dict[str, torch.Tensor] = {}
+        for m, (A, B) in self.global_state.factors.items():
+            tensors[f"global.{m}.A"] = A
+            tensors[f"global.{m}.B"] = B
+        for k, v in self.global_head.items():
+            tensors[f"head.{k}"] = v
+        if self.rule_name == "flora":  # FLoRA merges into the frozen base: its weights are state too
+            for m, layer in self.layers.items():
+                tensors[f"base.{m}"] = layer.base_layer.weight.detach()
+        rule_state = self.global_state.state_dict()
+        rule_meta = {}
+        for k, v in rule_state.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"rule.{k}"] = v
+            else:
+                rule_meta[k] = v
+        tensors["rng.torch"] = torch.get_rng_state()
+        starts = {}
+        for cid, st in self.client_starts.items():
+            for m, (A, B) in st.items():
+                tensors[f"start.{cid}.{m}.A"] = A
+                tensors[f"start.{cid}.{m}.B"] = B
+            starts[str(cid)] = list(st)
+        meta = {"round": self.round, "config": self.cfg.to_dict(), "rule_meta": rule_meta, "starts": starts,
+                "planner": self.planner.state_dict(), "budgets": self.budgets}
+        return tensors, meta
+
+    def _load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        from fedkernels import aggregation
+
+        factors = {m: (tensors[f"global.{m}.A"], tensors[f"global.{m}.B"]) for m in self.module_names}
+        rule_state = dict(meta["rule_meta"])
+        rule_state.update({k[5:]: v for k, v in tensors.items() if k.startswith("rule.")})
+        self.global_state = aggregation.GlobalState.from_factors(factors, {m: l.scale for m, l in self.layers.items()})
+        self.global_state.load_state_dict(rule_state)
+        self.global_head = {k[5:]: v for k, v in tensors.items() if k.startswith("head.")}
+        if self.rule_name == "flora":
+            with torch.no_grad():
+                for m, layer in self.layers.items():
+                    layer.base_layer.weight.copy_(tensors[f"base.{m}"])
+        torch.set_rng_state(tensors["rng.torch"])
+        self.client_starts = {
+            int(cid): {m: (tensors[f"start.{cid}.{m}.A"], tensors[f"start.{cid}.{m}.B"]) for m in mods}
+            for cid, mods in meta["starts"].items()
+        }
+        self.planner.load_state_dict(meta["planner"])
+        self.round = int(meta["round"])
+
+    # ------------------------------------------------------------------ run
+    def run(self, *, resume: bool = False, stop_after: int | None = None) -> RunSummary:
+        """Run the remaining rounds. ``resume`` continues from the latest checkpoint in ``output_dir``."""
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        metrics_path = self.out / "metrics.jsonl"
+        ckpt_root = self.out / "checkpoints"
+        if resume:
+            ckpt = latest_checkpoint(ckpt_root)
+            if ckpt is None:
+                raise ConfigError(f"--resume: no checkpoint in {str(ckpt_root)!r}")
+            tensors, meta = load_checkpoint(ckpt)
+            saved_cfg = FederatedConfig.from_dict(meta["config"])
+            if {k: v for k, v in saved_cfg.to_dict().items() if k != "rounds"} != {
+                k: v for k, v in cfg.to_dict().items() if k != "rounds"
+            }:
+                raise ConfigError(f"--resume: the config differs from the checkpointed run in {str(self.out)!r}")
+            self._load_state(tensors, meta)
+            lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
+            self.history = [json.loads(x) for x in lines if x.strip()]
+            self.history = [h for h in self.history if h["round"] <= self.round]
+            log.info("resumed from %s at round %d", ckpt, self.round)
+        else:
+            metrics_path.unlink(missing_ok=True)
+        # rewrite the metrics file to exactly the rounds the state covers (a killed run may have one more)
+        metrics_path.write_text("".join(json.dumps(h, sort_keys=True) + "\n" for h in self.history))
+        atomic_write_json(self.out / "config.json", cfg.to_dict())
+
+        bar = _progress(self.progress)
+        with bar:
+            task = bar.add_task(f"{cfg.strategy} rounds", total=cfg.rounds, completed=self.round)
+            while self.round < cfg.rounds:
+                record = self._run_round(self.round + 1, bar)
+                self.round += 1
+                self.history.append(record)
+                with metrics_path.open("a") as fh:
+                    fh.write(json.dumps(record, sort_keys=True) + "\n")
+                tensors, meta = self._state_tensors()
+                save_checkpoint(ckpt_root, self.round, tensors, meta)
+                bar.update(task, completed=self.round,
+                           description=f"{cfg.strategy} acc={record['accuracy']:.3f}")
+                if stop_after is not None and self.round >= stop_after:
+                    break
+        adapter_dir = self._export() if self.round >= cfg.rounds else None
+        last = self.history[-1] if self.history else {"accuracy": float("nan"), "loss": float("nan")}
+        summary = RunSummary(self.round, last["accuracy"], last["loss"], self.history, self.out, adapter_dir)
+        if adapter_dir is not None:
+            atomic_write_json(self.out / "summary.json", {
+                "strategy": cfg.strategy, "rounds": self.round, "final_accuracy": last["accuracy"],
+                "final_loss": last["loss"], "adapter": str(adapter_dir) if adapter_dir else None,
+                "total_bytes_up": sum(h["bytes_up"] for h in self.history),
+                "total_bytes_down": sum(h["bytes_down"] for h in self.history),
+            })
+        return summary
+
+    def sample_clients(self, round_idx: int) -> list[int]:
+        n = self.cfg.num_clients
+        m = max(1, int(round(self.cfg.fraction * n)))
+        return sorted(rng_for(self.cfg.seed, round_idx, 0x5A3).choice(n, size=m, replace=False).tolist())
+
+    def _run_round(self, round_idx: int, bar) -> dict:
+        cfg = self.cfg
+        timings = {"plan": 0.0, "train": 0.0, "aggregate": 0.0, "eval": 0.0}
+        t = time.perf_counter()
+        sampled = self.sample_clients(round_idx)
+        plans = self.planner.plans_for_round(round_idx, sampled, self.budgets, self.global_state)
+        timings["plan"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        results: list[ClientResult] = []
+        client_log: list[dict] = []
+        failures: list[dict] = []
+        task = bar.add_task(f"round {round_idx} clients", total=len(sampled))
+        for cid in sampled:
+            plan = plans[cid]
+            entry = {"client": cid, "budget": self.budgets[cid], "planned_bytes": plan.predicted_bytes,
+                     "modules": len(plan.modules), "ranks": sorted(set(plan.modules.values()))}
+            try:
+                start = self.client_starts.get(cid) or self.rule_start(cid, plan.modules)
+                res = train_client(
+                    client_id=cid, model=self.model, layers=self.layers, head=self.head, plan=plan.modules,
+                    start=start, global_factors=self.global_state.factors, global_head=self.global_head,
+                    data=self.data, indices=self.client_indices[cid], local_steps=cfg.local_steps,
+                    batch_size=cfg.batch_size, optimizer=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                    seed=cfg.seed, round_idx=round_idx,
+                    measure_memory=cfg.measure_memory and not self.planner.measured(plan.modules),
+                )
+                if res.measured_bytes is not None:
+                    self.planner.record_measurement(plan.modules, res.measured_bytes)
+                res = self._inject_fault(cid, round_idx, res)
+                results.append(res)
+                entry.update(status="trained", loss=res.loss, measured_bytes=self.planner.measured(plan.modules),
+                             wall_s=res.wall_s)
+            except Exception as exc:  # noqa: BLE001 - a crashing client is logged and excluded, the round goes on
+                log.warning("round %d: client %d failed: %s: %s", round_idx, cid, type(exc).__name__, exc)
+                failures.append({"client": cid, "reason": f"{type(exc).__name__}: {exc}"})
+                entry.update(status="failed", reason=f"{type(exc).__name__}: {exc}")
+            client_log.append(entry)
+            bar.advance(task)
+        bar.remove_task(task)
+        timings["train"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        from fedkernels.aggregation import ClientUpdate
+
+        updates = [ClientUpdate(client_id=r.client_id, factors=r.factors, ranks=r.ranks, scales=r.scales,
+                                num_samples=r.num_samples) for r in results]
+        result = self.rule.aggregate(self.global_state, updates, {c: plans[c].modules for c in sampled})
+        rejected = {e.client for e in result.rejected}
+        for e in result.rejected:
+            log.warning("round %d: update of client %s rejected (%s, module %s): %s", round_idx, e.client, e.reason,
+                        e.module, e)
+            failures.append({"client": e.client, "reason": str(e), "module": e.module})
+            for entry in client_log:
+                if entry["client"] == e.client:
+                    entry.update(status="rejected", reason=str(e))
+        good = [r for r in results if r.client_id not in rejected]
+        needed = math.ceil(cfg.min_fit_fraction * len(sampled))
+        skipped = len(good) < max(1, needed)
+        if skipped:
+            log.warning("round %d skipped: %d of %d clients succeeded, %d needed (min_fit_fraction=%s); "
+                        "global adapter unchanged", round_idx, len(good), len(sampled), needed, cfg.min_fit_fraction)
+        else:
+            self.global_state = result.global_state
+            self._apply_base_deltas(result)
+            self.global_head = _weighted_head(good)
+            for cid in sampled:
+                if cid in rejected or all(r.client_id != cid for r in good):
+                    continue
+                self.client_starts.pop(cid, None)
+            self.client_starts.update(self._next_starts(result, good, plans))
+        timings["aggregate"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        acc, loss = self.evaluate()
+        timings["eval"] = time.perf_counter() - t
+        return {
+            "round": round_idx,
+            "strategy": cfg.strategy,
+            "accuracy": acc,
+            "loss": loss,
+            "skipped": skipped,
+            "sampled": sampled,
+            "succeeded": [r.client_id for r in good],
+            "failures": failures,
+            "notes": list(result.notes),
+            "bytes_up": int(sum(r.bytes_up for r in results)),
+            "bytes_down": int(sum(r.bytes_down for r in results)),
+            "clients": client_log,
+            "timings": timings,
+            "wall_s": sum(timings.values()),
+        }
+
+    # ------------------------------------------------------------------ pieces
+    def rule_start(self, cid: int, plan: dict[str, int]) -> dict:
+        return self.rule.start_for(self.global_state, cid, plan)
+
+    def _next_starts(self, result, good: list[ClientResult], plans) -> dict:
+        starts = getattr(result, "client_starts", None) or {}
+        return {int(c): s for c, s in starts.items()}
+
+    def _apply_base_deltas(self, result) -> None:
+        deltas = getattr(result, "base_deltas", None) or {}
+        if not deltas:
+            return
+        from fedkernels.ops import merge_stacked
+        from fedkernels.nn import base_weight_view
+
+        with torch.no_grad():
+            for m, (A_stack, B_stack, scale) in deltas.items():
+                w = base_weight_view(self.layers[m].base_layer)
+                merged = w.detach().clone()
+                merge_stacked(merged.unsqueeze(0), A_stack.unsqueeze(0), B_stack.unsqueeze(0), scale)
+                w.copy_(merged)
+
+    def _inject_fault(self, cid: int, round_idx: int, res: ClientResult) -> ClientResult:
+        kind = self.cfg.faults.get(str(cid))
+        if kind == "raise":
+            raise RuntimeError(f"injected fault: client {cid} crashed")
+        if kind == "nan" and res.factors:
+            m = next(iter(res.factors))
+            A, B = res.factors[m]
+            B = B.clone()
+            B.view(-1)[0] = float("nan")
+            res.factors[m] = (A, B)
+        if kind == "shape" and res.factors:
+            m = next(iter(res.factors))
+            A, B = res.factors[m]
+            res.factors[m] = (A[:, :-1].clone(), B)
+        if self.fault_hook is not None:
+            res = self.fault_hook(cid, round_idx, res)
+        return res
+
+    @torch.no_grad()
+    def evaluate(self) -> tuple[float, float]:
+        """Accuracy and mean loss of the global model (all adapters at full rank + global head) on the test split."""
+        from fedkernels.federated.client import load_adapter_state
+
+        load_adapter_state(self.layers, self.global_state.factors)
+        self.head.load_state_dict(self.global_head)
+        self.model.eval()
+        correct, total_loss = 0, 0.0
+        for lo in range(0, len(self.test_idx), 64):
+            batch = self.data.batch(self.test_idx[lo: lo + 64])
+            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            total_loss += float(F.cross_entropy(logits, batch["labels"], reduction="sum"))
+            correct += int((logits.argmax(-1) == batch["labels"]).sum())
+        n = len(self.test_idx)
+        return correct / n, total_loss / n
+
+    def _export(self) -> Path | None:
+        from fedkernels.federated.client import load_adapter_state
+
+        load_adapter_state(self.layers, self.global_state.factors)
+        self.head.load_state_dict(self.global_head)
+        target = self.out / "adapter"
+        try:
+            export_peft(self.model, target, base_model_name_or_path=self.cfg.model)
+        except Exception as exc:  # noqa: BLE001 - e.g. FLoRA: everything merged, nothing left to export
+            log.info("no peft adapter exported: %s", exc)
+            return None
+        if self.rule_name == "flora":
+            from fedkernels.io import atomic_save_safetensors
+
+            atomic_save_safetensors({m: l.base_layer.weight for m, l in self.layers.items()},
+                                    self.out / "merged_base_weights.safetensors")
+        return target
+
+
+def _weighted_head(results: list[ClientResult]) -> dict[str, torch.Tensor]:
+    """FedAvg of the classification head over the clients that succeeded, weights ∝ samples."""
+    total = sum(r.num_samples for r in results)
+    keys = results[0].head.keys()
+    return {k: sum(r.head[k].double() * (r.num_samples / total) for r in results).to(results[0].head[k].dtype)
+            for k in keys}
+
+
+def _progress(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    disable=not enabled, transient=False)
+
+
