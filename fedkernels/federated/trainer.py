@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -212,6 +213,9 @@ class FederatedTrainer:
                     fh.write(json.dumps(record, sort_keys=True) + "\n")
                 tensors, meta = self._state_tensors()
                 save_checkpoint(ckpt_root, self.round, tensors, meta)
+                if os.environ.get("FEDKERNELS_PAUSE_AFTER_ROUND") == str(self.round):
+                    # Testing aid: hold still after this round's checkpoint so a test can `kill -9` us here.
+                    time.sleep(3600)
                 bar.update(task, completed=self.round,
                            description=f"{cfg.strategy} acc={record['accuracy']:.3f}")
                 if stop_after is not None and self.round >= stop_after:

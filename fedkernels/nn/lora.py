@@ -82,8 +82,6 @@ class LoRALinear(nn.Module):
         # Non-prefix rank mask (None = the prefix given by active_rank). A buffer so it moves with .to().
         self.register_buffer("rank_mask", None, persistent=False)
         self.merged = False
-        self._dropout_calls = 0
-        self.dropout_seed_base = int(torch.randint(0, 2**31 - 1, (1,)).item())
         self.reset_parameters()
 
     # ------------------------------------------------------------------ parameters
@@ -182,9 +180,9 @@ class LoRALinear(nn.Module):
         p = self.dropout if self.training else 0.0
         seed = None
         if p > 0.0:
-            # Deterministic per call given the module's seed base (which follows the global torch seed).
-            self._dropout_calls += 1
-            seed = self.dropout_seed_base * 1_000_003 + self._dropout_calls
+            # Drawn from the global torch RNG: reproducible under torch.manual_seed, and a resumed run that
+            # restores the RNG state draws the same masks (a per-module call counter would not be restored).
+            seed = int(torch.randint(0, 2**62, (1,)).item())
         return lora_linear(
             x, weight, self.base_layer.bias, A, B, self.scale, mask,
             dropout_p=p, dropout_seed=seed, backend=self.backend,
