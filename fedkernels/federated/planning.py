@@ -42,21 +42,42 @@ def read_budgets_csv(path: str | Path, num_clients: int) -> dict[int, int]:
     return out
 
 
+def _classification_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    return torch.nn.functional.cross_entropy(out.logits.float(), batch["labels"])
+
+
 class Planner:
     """Per-client plans (module -> rank) from `solvers`, with the memory model of the shared model."""
 
-    def __init__(self, model: torch.nn.Module, layers: dict, cfg: FederatedConfig, allocation: str) -> None:
+    def __init__(self, model: torch.nn.Module, layers: dict, cfg: FederatedConfig, allocation: str,
+                 calibration_batch: dict | None = None, head_params: list | None = None) -> None:
         from solvers.memory import MemoryModel
+
+        from fedkernels.nn import layer_index
 
         self.cfg = cfg
         self.allocation = allocation
         self.layers = layers
-        self.memory = MemoryModel.from_model(
-            model, batch_size=cfg.batch_size, seq_len=cfg.seq_len, rank=cfg.lora_rank,
-        )
         self.importance: dict[str, float] | None = None
         self._measured: dict[str, int] = {}
         self._fixed: dict[int, object] | None = None
+        blocks = {}
+        for i, m in enumerate(layers):
+            idx = layer_index(m)
+            blocks[m] = idx if idx is not None else i
+        if calibration_batch is None:
+            raise ConfigError("Planner needs a calibration batch to measure the model's training memory")
+        # Calibrated by measurement on the very model the clients train (saved-tensor hooks, as
+        # `solvers.memory.measure` counts), so plans are checked against what training really keeps.
+        self.memory = MemoryModel.from_model(
+            model, calibration_batch,
+            {m: [layer.lora_A, layer.lora_B] for m, layer in layers.items()},
+            blocks,
+            loss_fn=_classification_loss,
+            optimizer=cfg.optimizer,
+            always_trainable=list(head_params or []),
+        )
 
     # budgets ---------------------------------------------------------------
     def client_budgets(self) -> dict[int, int]:
@@ -68,6 +89,7 @@ class Planner:
         if cfg.budgets_file:
             return read_budgets_csv(cfg.budgets_file, cfg.num_clients)
         lo, hi = self.memory.min_trainable_bytes(), self.memory.full_bytes()
+        # tiers are fractions of the way from "one module" to "everything": 0 is the poorest feasible client
         tiers = [int(lo + f * (hi - lo)) for f in cfg.budget_tiers]
         return {i: tiers[i % len(tiers)] for i in range(cfg.num_clients)}
 

@@ -109,7 +109,9 @@ class FederatedTrainer:
         allocation, rule_name = PRESETS[cfg.strategy]
         self.allocation = cfg.allocation or allocation
         self.rule_name = rule_name
-        self.planner = planning.Planner(self.model, self.layers, cfg, self.allocation)
+        calib = self.data.batch(np.take(train_idx, range(cfg.batch_size), mode="wrap"))
+        self.planner = planning.Planner(self.model, self.layers, cfg, self.allocation, calibration_batch=calib,
+                                        head_params=list(self.head.parameters()))
         self.budgets = self.planner.client_budgets()
         self.planner.check_feasible(self.budgets)  # stops the run before round 1, naming the client
         from fedkernels import aggregation
@@ -342,8 +344,8 @@ class FederatedTrainer:
         deltas = getattr(result, "base_deltas", None) or {}
         if not deltas:
             return
-        from fedkernels.ops import merge_stacked
         from fedkernels.nn import base_weight_view
+        from fedkernels.ops import merge_stacked
 
         with torch.no_grad():
             for m, (A_stack, B_stack, scale) in deltas.items():
