@@ -1,0 +1,216 @@
+"""HeteroLoRAStrategy on an in-process grid (no Ray, no sockets): the real ClientApp, validated replies."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("flwr")
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict  # noqa: E402
+
+from fedkernels.federated import FederatedConfig, FederatedTrainer  # noqa: E402
+from fedkernels.flower.client import make_client_app  # noqa: E402
+from fedkernels.flower.strategy import HeteroLoRAStrategy  # noqa: E402
+from tests.federated.test_trainer import BASE  # noqa: E402
+from tests.flower.grid import InProcessGrid, set_task_identity  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _identity():
+    set_task_identity()
+
+
+def cfg(tmp_path, name="run", **kw):
+    return FederatedConfig(**{**BASE, "output_dir": str(tmp_path / name), **kw})
+
+
+def grid_for(strategy, budgets_as="str"):
+    """One node per client partition; node ids are scattered (Flower's are random 64-bit ints)."""
+    nodes = {}
+    for cid, b in strategy.config_budgets.items():
+        nodes[1000 + 37 * cid] = {"partition-id": cid, "memory-budget": f"{b}B" if budgets_as == "str" else b}
+    return InProcessGrid(make_client_app(), nodes)
+
+
+def factors(state):
+    return {m: (A.clone(), B.clone()) for m, (A, B) in state.factors.items()}
+
+
+def assert_close_factors(a, b, atol=1e-6):
+    assert a.keys() == b.keys()
+    for m in a:
+        torch.testing.assert_close(a[m][0], b[m][0], atol=atol, rtol=1e-5)
+        torch.testing.assert_close(a[m][1], b[m][1], atol=atol, rtol=1e-5)
+
+
+def snapshot(strategy, rnd):
+    tr = strategy.trainer
+    return (tr.global_state, dict(tr.global_head), dict(tr.client_starts), list(tr.history),
+            copy.deepcopy(strategy._pending[rnd]), tr.round)
+
+
+def restore(strategy, rnd, snap):
+    tr = strategy.trainer
+    tr.global_state, tr.global_head, starts, history, pending, tr.round = snap
+    tr.client_starts, tr.history = dict(starts), list(history)
+    strategy._pending[rnd] = copy.deepcopy(pending)
+
+
+def replace_arrays(reply: Message, change) -> Message:
+    """A copy of ``reply`` whose ArrayRecord went through ``change(dict[str, np.ndarray]) -> dict``."""
+    arrays = {k: reply.content["arrays"][k].numpy().copy() for k in reply.content["arrays"]}
+    arrays = change(arrays)
+    content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                          "metrics": reply.content["metrics"], "config": reply.content["config"]})
+    return Message(content, metadata=reply.metadata)
+
+
+def test_flower_strategy_matches_in_process_trainer(tmp_path):
+    """Same seed, same plans: the Flower path (wire encoding, ClientApp, validation) ends at the trainer's
+    global adapter, and the heterogeneous plans really differ in modules and ranks."""
+    ref = FederatedTrainer(cfg(tmp_path, "ref"))
+    ref.run()
+    strategy = HeteroLoRAStrategy(cfg(tmp_path, "flwr"), round_timeout=30)
+    grid = grid_for(strategy)
+    summary = strategy.start(grid)
+    assert summary.rounds == 2
+    assert strategy.trainer.budgets == ref.budgets  # node-reported budgets ("<n>B" strings) parsed back
+    assert_close_factors(factors(strategy.trainer.global_state), factors(ref.global_state))
+    for k in ref.global_head:
+        torch.testing.assert_close(strategy.trainer.global_head[k], ref.global_head[k], atol=1e-6, rtol=1e-5)
+    got, want = summary.history, ref.history
+    assert [h["succeeded"] for h in got] == [h["succeeded"] for h in want]
+    assert [h["accuracy"] for h in got] == pytest.approx([h["accuracy"] for h in want])
+    shapes = {(c["modules"], tuple(c["ranks"])) for h in got for c in h["clients"]}
+    assert len(shapes) > 1, shapes  # heterogeneous replies: different module sets / ranks in one run
+    assert (tmp_path / "flwr" / "checkpoints" / "LATEST").read_text().strip() == "round-00002"
+    assert all(b["bytes_down"] > 0 and b["bytes_up"] > 0 for b in strategy.bytes_log)
+
+
+def test_nan_shape_and_error_replies_are_excluded_and_the_round_goes_on(tmp_path, caplog):
+    faults = {"0": "raise", "1": "nan", "2": "shape"}
+    strategy = HeteroLoRAStrategy(cfg(tmp_path, fraction=1.0, rounds=1, faults=faults), round_timeout=30)
+    grid = grid_for(strategy, budgets_as="int")
+    before = factors(strategy.trainer.global_state)
+    with caplog.at_level(logging.WARNING, logger="fedkernels.flower"):
+        rec = strategy.start(grid).history[0]
+    assert not rec["skipped"] and rec["succeeded"] == [3, 4, 5]
+    reasons = {f["client"]: f["reason"] for f in rec["failures"]}
+    assert set(reasons) == {0, 1, 2}
+    assert "error reply" in reasons[0] and "crashed" in reasons[0]
+    assert "non-finite" in reasons[1] and "shape" in reasons[2]
+    status = {c["client"]: c["status"] for c in rec["clients"]}
+    assert status == {0: "failed", 1: "rejected", 2: "rejected", 3: "trained", 4: "trained", 5: "trained"}
+    assert any("client 1 rejected" in r.message for r in caplog.records)
+    after = factors(strategy.trainer.global_state)
+    assert any(not torch.equal(before[m][1], after[m][1]) for m in before)
+    assert all(torch.isfinite(A).all() and torch.isfinite(B).all() for A, B in after.values())
+
+
+def test_wrong_shape_reply_gives_the_same_result_in_either_order(tmp_path):
+    strategy = HeteroLoRAStrategy(cfg(tmp_path, fraction=1.0, rounds=1), round_timeout=30)
+    grid = grid_for(strategy)
+    msgs = list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid))
+    replies = grid.send_and_receive(msgs)
+    victim = 0
+    bad_key = next(k for k in replies[victim].content["arrays"] if k.startswith("update/") and k.endswith("/B"))
+    bad = replace_arrays(replies[victim], lambda a: {**a, bad_key: a[bad_key][:-1]})
+    bad_cid = replies[victim].content["config"]["client-id"]
+    good = replies[1:]
+    snap = snapshot(strategy, 1)
+    arrays1, metrics1 = strategy.aggregate_train(1, [bad, *good])
+    rec1 = strategy.trainer.history[-1]
+    restore(strategy, 1, snap)
+    arrays2, metrics2 = strategy.aggregate_train(1, [*reversed(good), bad])
+    rec2 = strategy.trainer.history[-1]
+    for rec in (rec1, rec2):
+        assert bad_cid not in rec["succeeded"] and len(rec["succeeded"]) == len(good)
+        assert [f["client"] for f in rec["failures"]] == [bad_cid] and "shape" in rec["failures"][0]["reason"]
+    assert arrays1.keys() == arrays2.keys()
+    for k in arrays1:
+        np.testing.assert_array_equal(arrays1[k].numpy(), arrays2[k].numpy())
+    assert metrics1["accuracy"] == metrics2["accuracy"] and metrics1["skipped"] == 0
+
+
+def test_reply_validation_rejects_keys_dtype_counts_and_impostors(tmp_path):
+    strategy = HeteroLoRAStrategy(cfg(tmp_path, fraction=1.0, rounds=1, min_fit_fraction=0.3), round_timeout=30)
+    grid = grid_for(strategy)
+    msgs = list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid))
+    replies = grid.send_and_receive(msgs)
+    plans = strategy._pending[1].plans
+    by_cid = {r.content["config"]["client-id"]: r for r in replies}
+    small = min(plans, key=lambda c: len(plans[c].modules))  # a client that leaves some module out
+    unplanned = next(m for m in strategy.trainer.module_names if m not in plans[small].modules)
+    shape_of = {m: (A.shape, B.shape) for m, (A, B) in strategy.trainer.global_state.factors.items()}
+    rng = np.random.default_rng(0)
+    tampered = {
+        small: replace_arrays(by_cid[small], lambda a: {
+            **a, f"update/{unplanned}/A": rng.standard_normal((1, shape_of[unplanned][0][1])).astype(np.float32),
+            f"update/{unplanned}/B": rng.standard_normal((shape_of[unplanned][1][0], 1)).astype(np.float32)}),
+    }
+    others = [c for c in sorted(by_cid) if c != small]
+    k64 = next(k for k in by_cid[others[0]].content["arrays"] if k.startswith("update/"))
+    tampered[others[0]] = replace_arrays(by_cid[others[0]], lambda a: {**a, k64: a[k64].astype(np.float64)})
+    r = by_cid[others[1]]
+    metrics = r.content["metrics"]
+    metrics["num-examples"] = -3
+    tampered[others[1]] = r
+    r = by_cid[others[2]]
+    r.content["config"]["client-id"] = others[3]
+    tampered[others[2]] = r
+    kept = [by_cid[c] for c in others[3:]]
+    strategy.aggregate_train(1, [*tampered.values(), *kept])
+    rec = strategy.trainer.history[-1]
+    reasons = {f["client"]: f["reason"] for f in rec["failures"]}
+    assert "not in its plan" in reasons[small]
+    assert "float64" in reasons[others[0]]
+    assert "num-examples" in reasons[others[1]]
+    assert "claims client id" in reasons[others[2]]
+    assert rec["succeeded"] == others[3:] and not rec["skipped"]
+
+
+def test_too_few_good_replies_keep_the_global_adapter(tmp_path):
+    strategy = HeteroLoRAStrategy(cfg(tmp_path, fraction=1.0, rounds=1, min_fit_fraction=0.9,
+                                      faults={"0": "nan", "1": "raise"}), round_timeout=30)
+    grid = grid_for(strategy)
+    grid.down.add(next(n for n, c in grid.nodes.items() if c["partition-id"] == 2))  # a node gone before the round
+    before = factors(strategy.trainer.global_state)
+    head = {k: v.clone() for k, v in strategy.trainer.global_head.items()}
+    rec = strategy.start(grid).history[0]
+    assert rec["skipped"] and rec["succeeded"] == [3, 4, 5]
+    assert "no SuperNode" in {f["client"]: f["reason"] for f in rec["failures"]}[2]
+    after = factors(strategy.trainer.global_state)
+    assert all(torch.equal(before[m][0], after[m][0]) and torch.equal(before[m][1], after[m][1]) for m in before)
+    assert all(torch.equal(head[k], strategy.trainer.global_head[k]) for k in head)
+
+
+def test_silent_node_counts_as_failed_and_resume_continues(tmp_path):
+    c = cfg(tmp_path, rounds=2)
+    strategy = HeteroLoRAStrategy(c, round_timeout=30)
+    grid = grid_for(strategy)
+    strategy.trainer.grid = grid
+    strategy.trainer.run(stop_after=1)
+    assert strategy.trainer.round == 1
+    # a fresh server resumes from the round-1 checkpoint; a node that stops answering mid-round is excluded
+    resumed = HeteroLoRAStrategy(c, round_timeout=30)
+    grid2 = grid_for(resumed)
+    sampled = resumed.trainer.sample_clients(2)
+    silent = next(n for n, cf in grid2.nodes.items() if cf["partition-id"] == sampled[0])
+
+    real = grid2.send_and_receive
+
+    def drop_silent(messages, *, timeout=None):  # the node is listed online but its reply never comes
+        return [r for r in real(messages, timeout=timeout)
+                if r.metadata.src_node_id != silent or r.metadata.message_type != "train"]
+
+    grid2.send_and_receive = drop_silent
+    summary = resumed.start(grid2, resume=True)
+    assert summary.rounds == 2 and [h["round"] for h in summary.history] == [1, 2]
+    rec = summary.history[-1]
+    assert sampled[0] not in rec["succeeded"]
+    assert "no reply" in {f["client"]: f["reason"] for f in rec["failures"]}[sampled[0]]
