@@ -51,13 +51,23 @@ def config_from_run_config(run_config: dict, app_dir: str | Path | None = None) 
     return cfg
 
 
+def _log_to_stderr() -> None:
+    """fedkernels' round logs at INFO in the ServerApp's log stream (not the root logger: httpx would flood it)."""
+    root = logging.getLogger("fedkernels")
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+    root.setLevel(logging.INFO)
+
+
 def make_server_app(app_dir: str | Path | None = None) -> ServerApp:
     """The ServerApp: builds the strategy from the run config and runs it to the end (or resumes)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        _log_to_stderr()
         rc = dict(context.run_config)
         cfg = config_from_run_config(rc, app_dir)
         try:
