@@ -62,11 +62,16 @@ def train(
     ctx: typer.Context,
     config: Path = typer.Option(None, "--config", "-c", help="YAML/TOML/JSON FederatedConfig file."),
     resume: Path = typer.Option(None, "--resume", help="Continue the run in this output folder."),
+    engine: str = typer.Option("inprocess", "--engine", help="inprocess | flower (Flower's simulation engine, "
+                               "needs flwr[simulation]) | flower-local (SuperLink + SuperNodes on 127.0.0.1)."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Run one federated training. Any config field can be overridden: --rounds 3 --strategy fedra."""
     _setup_logging(verbose)
     from fedkernels.federated import FederatedConfig, FederatedTrainer
+
+    if engine not in ("inprocess", "flower", "flower-local"):
+        _fail(FedKernelsError(f"--engine must be inprocess, flower or flower-local, got {engine!r}"))
 
     try:
         overrides = _pairs(ctx.args)
@@ -78,8 +83,11 @@ def train(
             cfg = cfg.with_overrides(overrides) if overrides else cfg
         else:
             cfg = _load_config(config, overrides)
-        trainer = FederatedTrainer(cfg, progress=sys.stderr.isatty())
-        summary = trainer.run(resume=resume is not None)
+        if engine != "inprocess":
+            summary = _run_flower(cfg, engine, resume is not None)
+        else:
+            trainer = FederatedTrainer(cfg, progress=sys.stderr.isatty())
+            summary = trainer.run(resume=resume is not None)
     except (FedKernelsError, ValueError) as exc:
         _fail(exc)
     table = Table(title=f"{cfg.strategy} on {cfg.dataset}")
@@ -91,6 +99,25 @@ def train(
                       f"{h['bytes_up'] / 2**20:.2f}", f"{h['wall_s']:.1f}")
     console.print(table)
     console.print(f"metrics: {summary.output_dir / 'metrics.jsonl'}  adapter: {summary.adapter_dir}")
+
+
+def _run_flower(cfg, engine: str, resume: bool):
+    """Run on Flower (`fedkernels.flower.launch`) and read the run's metrics back into a RunSummary."""
+    import json
+
+    from fedkernels.federated.trainer import RunSummary
+    from fedkernels.flower import flwr_available
+
+    if not flwr_available():
+        raise FedKernelsError("--engine flower needs Flower: pip install 'fedkernels[flower]'")
+    from fedkernels.flower.launch import run_in_simulation, run_local_deployment
+
+    out = run_in_simulation(cfg, resume=resume) if engine == "flower" else run_local_deployment(cfg, resume=resume)
+    history = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    last = history[-1]
+    adapter = out / "adapter"
+    return RunSummary(len(history), last["accuracy"], last["loss"], history, out,
+                      adapter if adapter.is_dir() else None)
 
 
 def _compare_and_report(cfg, strategies, partitions, seeds, out: Path, dataset=None) -> None:

@@ -173,9 +173,26 @@ class LocalDeployment:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
 
-    def stop(self) -> None:
+    def stop(self, wait_s: float = 15.0) -> None:
+        """Kill every process started here (and their children), then wait until their groups are gone."""
         for name in reversed(list(self.procs)):
             self._kill(self.procs[name])
+        deadline = time.monotonic() + wait_s
+        while self.alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+    def alive(self) -> list[str]:
+        """Names of the started processes whose process group still has a member."""
+        out = []
+        for name, proc in self.procs.items():
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                continue
+            except PermissionError:
+                pass
+            out.append(name)
+        return out
 
     def logs(self) -> str:
         parts = []
@@ -225,7 +242,7 @@ def run_local_deployment(cfg: FederatedConfig, *, app_dir: str | Path | None = N
             "config": str(cfg_path), "output-dir": str(out), "resume": resume, "round-timeout": float(round_timeout),
             "min-nodes": cfg.num_clients,
         }, timeout=timeout)
-        if res.returncode != 0 or not (out / "summary.json").is_file() and not resume:
+        if res.returncode != 0 or not (out / "summary.json").is_file():
             raise RuntimeError(f"flwr run failed (exit {res.returncode}); logs in {work}\n{dep.logs()[-4000:]}")
     return out
 

@@ -7,7 +7,6 @@ torch and rebuilds the model.
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import pytest
@@ -24,14 +23,6 @@ pytestmark = pytest.mark.slow
 
 # the tiny config of the trainer tests, with one SuperNode per client (3 processes on a 2-core machine)
 TINY = {**BASE, "num_clients": 3, "fraction": 1.0}
-
-
-def _group_alive(pid: int) -> bool:
-    try:
-        os.killpg(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def _deploy_and_run(tmp_path, cfg, budgets, *, kill_node_after_round=None, round_timeout=120.0):
@@ -62,9 +53,10 @@ def _deploy_and_run(tmp_path, cfg, budgets, *, kill_node_after_round=None, round
         assert res.returncode == 0, res.stdout[-3000:] + dep.logs()
     finally:
         dep.stop()
+    assert set(dep.procs) >= {"superlink", "supernode-0", "supernode-1", "supernode-2", "flwr-run"}
     for name, proc in dep.procs.items():
         assert proc.poll() is not None, f"{name} still running"
-        assert not _group_alive(proc.pid), f"{name}: children still running"
+    assert dep.alive() == [], "process groups with members left after stop()"
     return dep
 
 
