@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import logging
 
+import torch
+
 from fedkernels.errors import ConfigError
 from fedkernels.federated.client import inject_fault, train_client
 from fedkernels.federated.config import FederatedConfig
@@ -32,9 +34,14 @@ log = logging.getLogger("fedkernels.flower")
 _CACHE: dict[str, Prepared] = {}
 
 
+# the FederatedConfig fields `prepare` reads, plus the strategy (FLoRA rewrites the cached base weights): configs
+# equal on these share one prepared model
+_PREPARE_KEYS = ("model", "dataset", "seq_len", "max_examples", "seed", "test_fraction", "max_eval", "num_clients",
+                 "partition", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "backend", "strategy")
+
+
 def _prepared(cfg: FederatedConfig) -> Prepared:
-    key = json.dumps({k: v for k, v in cfg.to_dict().items() if k not in ("rounds", "output_dir", "faults")},
-                     sort_keys=True)
+    key = json.dumps({k: getattr(cfg, k) for k in _PREPARE_KEYS}, sort_keys=True)
     if key not in _CACHE:
         _CACHE.clear()
         _CACHE[key] = prepare(cfg)
@@ -63,6 +70,10 @@ def train_handler(msg: Message, context: Context) -> Message:
     cfg = FederatedConfig.from_dict(job["federated_config"])
     prep = _prepared(cfg)
     plan = job["plan"]
+    if job["base"]:  # FLoRA: the server merged last round's stacked adapters into these base weights
+        with torch.no_grad():
+            for m, w in job["base"].items():
+                prep.layers[m].base_layer.weight.copy_(w)
     res = train_client(
         client_id=cid, model=prep.model, layers=prep.layers, head=prep.head, plan=plan, start=job["start"],
         global_factors=job["global"], global_head=job["head"], data=prep.data, indices=prep.client_indices[cid],

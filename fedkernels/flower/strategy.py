@@ -91,8 +91,9 @@ class FlowerTrainer(FederatedTrainer):
     def _train_clients(self, round_idx: int, sampled: list[int], plans: dict, bar
                        ) -> tuple[list[ClientResult], list[dict], list[dict]]:
         messages = self.strategy.train_messages(round_idx, sampled, plans)
+        t = time.monotonic()
         replies = list(self.grid.send_and_receive(messages, timeout=self.strategy.round_timeout)) if messages else []
-        return self.strategy.collect(round_idx, replies)
+        return self.strategy.collect(round_idx, replies, waited_s=time.monotonic() - t)
 
 
 class HeteroLoRAStrategy(Strategy):
@@ -195,6 +196,7 @@ class HeteroLoRAStrategy(Strategy):
         pending = _Pending(sampled, plans, {}, {})
         messages = []
         measuring: set[str] = set()
+        base = {m: l.base_layer.weight for m, l in tr.layers.items()} if tr.rule_name == "flora" else None
         for cid in sampled:
             plan = plans[cid]
             entry = {"client": cid, "budget": tr.budgets[cid], "planned_bytes": plan.predicted_bytes,
@@ -217,7 +219,7 @@ class HeteroLoRAStrategy(Strategy):
             content = wire.encode_train_message(
                 client_id=cid, round_idx=round_idx, plan=plan.modules, start=start,
                 global_factors=tr.global_state.factors, global_head=tr.global_head, config_json=self._config_json,
-                measure_memory=measure)
+                measure_memory=measure, base_weights=base)
             pending.node_of[cid] = node
             pending.bytes_down[cid] = wire.record_nbytes(content["arrays"])
             entry["node"] = node
@@ -225,7 +227,8 @@ class HeteroLoRAStrategy(Strategy):
         self._pending[round_idx] = pending
         return messages
 
-    def collect(self, round_idx: int, replies: Iterable[Message]) -> tuple[list[ClientResult], list[dict], list[dict]]:
+    def collect(self, round_idx: int, replies: Iterable[Message], waited_s: float | None = None
+                ) -> tuple[list[ClientResult], list[dict], list[dict]]:
         """Validate the replies of round ``round_idx``: (results, client log, failures), bad ones logged and out."""
         tr = self.trainer
         pending = self._pending.pop(round_idx)
@@ -263,7 +266,10 @@ class HeteroLoRAStrategy(Strategy):
             results[cid] = res
         for cid in pending.node_of:
             if cid not in seen:
-                reason = f"no reply from node {pending.node_of[cid]} within {self.round_timeout:.0f}s"
+                # the SuperLink may give up on a node it sees die before the timeout
+                waited = f"after {waited_s:.0f}s" if waited_s is not None else "by the deadline"
+                reason = (f"no reply from node {pending.node_of[cid]} {waited} (round timeout "
+                          f"{self.round_timeout:.0f}s)")
                 self._fail(round_idx, cid, reason, pending.client_log[cid], failures, "failed")
         self.bytes_log.append({"round": round_idx, "bytes_down": int(sum(pending.bytes_down.values())),
                                "bytes_up": int(bytes_up)})

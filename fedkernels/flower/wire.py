@@ -73,8 +73,11 @@ def _pairs(prefix: str, factors: Factors) -> dict[str, torch.Tensor]:
 
 def encode_train_message(*, client_id: int, round_idx: int, plan: dict[str, int], start: Factors,
                          global_factors: Factors, global_head: dict[str, torch.Tensor], config_json: str,
-                         measure_memory: bool):
-    """RecordDict of a ``train`` message for one client (see the module docstring)."""
+                         measure_memory: bool, base_weights: dict[str, torch.Tensor] | None = None):
+    """RecordDict of a ``train`` message for one client (see the module docstring).
+
+    ``base_weights`` (module -> frozen base weight, as ``base/<module>``) is sent only under FLoRA, whose server
+    merges the stacked adapters into the base every round (Wang et al. 2024): the nodes must see that base."""
     from flwr.app import ConfigRecord, RecordDict
 
     frozen = {m: f for m, f in global_factors.items() if m not in plan}
@@ -86,7 +89,8 @@ def encode_train_message(*, client_id: int, round_idx: int, plan: dict[str, int]
             A, B = global_factors[m]
             starts[m] = (A[:r], B[:, :r])
     tensors = {**_pairs("global", frozen), **_pairs("start", starts),
-               **{f"head/{k}": v for k, v in global_head.items()}}
+               **{f"head/{k}": v for k, v in global_head.items()},
+               **{f"base/{m}": w for m, w in (base_weights or {}).items()}}
     config = ConfigRecord({"client-id": int(client_id), "round": int(round_idx),
                            "plan": json.dumps(plan, sort_keys=True), "measure-memory": bool(measure_memory),
                            "federated-config": config_json})
@@ -100,10 +104,11 @@ def decode_train_message(content) -> dict:
     frozen: dict[str, dict[str, torch.Tensor]] = {}
     starts: dict[str, dict[str, torch.Tensor]] = {}
     head = {}
+    base = {}
     for key, t in arrays.items():
         kind, _, rest = key.partition("/")
-        if kind == "head":
-            head[rest] = t
+        if kind in ("head", "base"):
+            (head if kind == "head" else base)[rest] = t
             continue
         module, _, which = rest.rpartition("/")
         (frozen if kind == "global" else starts).setdefault(module, {})[which] = t
@@ -116,6 +121,7 @@ def decode_train_message(content) -> dict:
         "global": {m: (d["A"], d["B"]) for m, d in frozen.items()},
         "start": {m: (d["A"], d["B"]) for m, d in starts.items()},
         "head": head,
+        "base": base,
     }
 
 

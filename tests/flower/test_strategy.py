@@ -14,6 +14,7 @@ pytest.importorskip("flwr")
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict  # noqa: E402
 
 from fedkernels.federated import FederatedConfig, FederatedTrainer  # noqa: E402
+from fedkernels.federated.trainer import prepare  # noqa: E402
 from fedkernels.flower.client import make_client_app  # noqa: E402
 from fedkernels.flower.strategy import HeteroLoRAStrategy  # noqa: E402
 from tests.federated.test_trainer import BASE  # noqa: E402
@@ -90,6 +91,21 @@ def test_flower_strategy_matches_in_process_trainer(tmp_path):
     assert len(shapes) > 1, shapes  # heterogeneous replies: different module sets / ranks in one run
     assert (tmp_path / "flwr" / "checkpoints" / "LATEST").read_text().strip() == "round-00002"
     assert all(b["bytes_down"] > 0 and b["bytes_up"] > 0 for b in strategy.bytes_log)
+
+
+def test_flora_nodes_train_on_the_merged_base_like_in_process(tmp_path):
+    """FLoRA merges the stacked adapters into the frozen base on the server: nodes get that base (round 2)."""
+    ref = FederatedTrainer(cfg(tmp_path, "ref", strategy="flora"))
+    ref.run()
+    strategy = HeteroLoRAStrategy(cfg(tmp_path, "flwr", strategy="flora"), round_timeout=30)
+    strategy.start(grid_for(strategy))
+    fresh = prepare(cfg(tmp_path, "fresh", strategy="flora"))
+    assert any(not torch.equal(fresh.layers[m].base_layer.weight, layer.base_layer.weight)
+               for m, layer in ref.layers.items())  # the base really moved
+    for m, layer in ref.layers.items():
+        torch.testing.assert_close(strategy.trainer.layers[m].base_layer.weight, layer.base_layer.weight,
+                                   atol=1e-6, rtol=1e-5)
+    assert_close_factors(factors(strategy.trainer.global_state), factors(ref.global_state))
 
 
 def test_nan_shape_and_error_replies_are_excluded_and_the_round_goes_on(tmp_path, caplog):
