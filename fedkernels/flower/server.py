@@ -54,7 +54,7 @@ def config_from_run_config(run_config: dict, app_dir: str | Path | None = None) 
 def _log_to_stderr() -> None:
     """fedkernels' round logs at INFO in the ServerApp's log stream (not the root logger: httpx would flood it)."""
     root = logging.getLogger("fedkernels")
-    if not root.handlers:
+    if not root.handlers and not logging.getLogger().handlers:  # the CLI may have configured logging already
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         root.addHandler(handler)
