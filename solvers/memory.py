@@ -193,6 +193,7 @@ def set_trainable(
 
 
 # ------------------------------------------------------------------------------------- model discovery
+_PEFT_PREFIX = "base_model.model."
 _INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 
 
@@ -287,6 +288,7 @@ class MemoryModel:
     rank_scaling: bool = False
     source: str = "analytic"
     head_act_bytes: int = 0  # the activation part of head_bytes (rescaled by `calibrate`)
+    _index: dict = field(init=False, repr=False, compare=False, hash=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.modules:
@@ -294,6 +296,7 @@ class MemoryModel:
         names = [m.name for m in self.modules]
         if len(set(names)) != len(names):
             raise ProblemError(f"duplicate module names in {names[:5]}...")
+        object.__setattr__(self, "_index", {m.name: m for m in self.modules})
         nb = len(self.block_costs)
         for m in self.modules:
             if not 0 <= m.block < nb:
@@ -319,10 +322,14 @@ class MemoryModel:
         return max(m.max_rank for m in self.modules)
 
     def spec(self, name: str) -> ModuleSpec:
-        for m in self.modules:
-            if m.name == name:
-                return m
-        raise ProblemError(f"unknown module {name!r}; the model has {self.module_names[:4]}...")
+        """The module called ``name``; peft's ``base_model.model.`` prefix is accepted either way."""
+        sp = self._index.get(name)
+        if sp is None:
+            alt = name[len(_PEFT_PREFIX):] if name.startswith(_PEFT_PREFIX) else _PEFT_PREFIX + name
+            sp = self._index.get(alt)
+        if sp is None:
+            raise ProblemError(f"unknown module {name!r}; the model has {self.module_names[:4]}...")
+        return sp
 
     def pass_through(self, lowest_block: int) -> int:
         """Bytes kept by blocks ``lowest_block..L-1`` so gradients reach the lowest trained block."""
@@ -344,11 +351,9 @@ class MemoryModel:
     def _normalise(self, plan: Any) -> dict[str, int]:
         modules = getattr(plan, "modules", plan)
         if isinstance(modules, Mapping):
-            out = {str(m): int(r) for m, r in modules.items() if int(r) > 0}
+            out = {self.spec(str(m)).name: int(r) for m, r in modules.items() if int(r) > 0}
         else:
-            out = {str(m): self.spec(str(m)).max_rank for m in modules}
-        for m in out:
-            self.spec(m)
+            out = {self.spec(str(m)).name: self.spec(str(m)).max_rank for m in modules}
         return out
 
     def predict(self, plan: Mapping[str, int] | Iterable[str] | Any) -> int:
