@@ -379,16 +379,21 @@ class MemoryModel:
         total += self.pass_through(low) - int(self.entry_discount.get(first.kind, 0))
         return int(total)
 
-    def min_trainable_bytes(self) -> int:
+    def min_trainable_bytes(self, rank_choices: Sequence[int] | None = None) -> int:
         """Least bytes of a plan training at least one module, under the solver's (additive) costs.
 
-        A budget below this cannot train anything (`solvers.errors.InfeasibleBudgetError`).
+        Ranks are limited to ``rank_choices`` (default: each module's max rank, as `problem` does). A budget
+        below this cannot train anything (`solvers.errors.InfeasibleBudgetError`).
         """
         best = None
         for sp in self.modules:
-            r = 1 if self.rank_scaling else sp.max_rank
-            c = self.static_bytes + self.head_bytes + self.pass_through(sp.block) + self.module_cost(sp.name, r)
-            best = c if best is None else min(best, c)
+            ranks = [sp.max_rank] if rank_choices is None else [int(r) for r in rank_choices
+                                                                if 1 <= int(r) <= sp.max_rank]
+            for r in ranks:
+                c = self.static_bytes + self.head_bytes + self.pass_through(sp.block) + self.module_cost(sp.name, r)
+                best = c if best is None else min(best, c)
+        if best is None:
+            raise ProblemError(f"no rank in {list(rank_choices or [])} is allowed by any module")
         return int(best)
 
     def full_plan(self) -> dict[str, int]:
