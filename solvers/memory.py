@@ -226,7 +226,8 @@ def find_lora_params(model: nn.Module) -> dict[str, list[nn.Parameter]]:
 
 
 def _kind(name: str) -> str:
-    """Module name with its block index removed: the same kind in every block."""
+    """Module name with its block index (and peft's wrapper prefix) removed: the same kind in every block."""
+    name = name.removeprefix(_PEFT_PREFIX)
     return _INDEX.sub(lambda m: m.group(0).replace(m.group(1), "#"), name, count=1)
 
 
