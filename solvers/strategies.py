@@ -145,10 +145,33 @@ def _knapsack(ctx: _Ctx, budgets: Mapping, rank_choices, backend: str, time_limi
     for prob, plan in zip(probs, plans, strict=True):
         if plan.status is PlanStatus.INFEASIBLE:
             raise InfeasibleBudgetError(prob.client, prob.budget, prob.min_train_bytes())
-        # the problem's costs count shared inputs per module; report the model's (tighter) prediction
-        plan.predicted_bytes = ctx.memory.predict(plan.modules)
+        _fill(ctx, prob, plan)
         out[prob.client] = plan
     return out
+
+
+def _fill(ctx: _Ctx, prob, plan: Plan) -> None:
+    """Add modules the knapsack left out but that fit under `MemoryModel.predict`.
+
+    The problem's additive costs count a shared input once per module (q and v read the same tensor),
+    so its optimum can leave memory unused that `predict` knows is free. Modules are added by value, each
+    at the largest rank option that still fits; the plan's status is kept, the message says what changed.
+    """
+    added = []
+    for it in sorted(prob.items, key=lambda it: (-max(it.values), it.block, it.name)):
+        if it.name in plan.modules or max(it.values) <= 0:
+            continue
+        for r in reversed(it.ranks):
+            if ctx.fits({**plan.modules, it.name: r}, prob.budget):
+                plan.modules[it.name] = r
+                added.append(it.name)
+                break
+    if added:
+        plan.objective = float(sum(prob.item(n).value_of(r) for n, r in plan.modules.items()))
+        plan.lowest_block = min(prob.item(n).block for n in plan.modules)
+        plan.message = (plan.message + "; " if plan.message else "") + (
+            f"{len(added)} module(s) added that fit once shared inputs are counted once")
+    plan.predicted_bytes = ctx.memory.predict(plan.modules)
 
 
 def plan_clients(
