@@ -21,6 +21,7 @@ gives status ``timeout`` with its best incumbent (or an empty plan when it had n
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -30,6 +31,8 @@ from solvers.problem import AllocationProblem, Plan, PlanStatus
 
 _ENGINES = ("pulp-cbc", "pulp-highs", "cvxpy-highs")
 _MAX_TIGHTEN = 3
+# Relative MIP gap: the engines' defaults (HiGHS 1e-4) would let "optimal" plans fall short of the optimum.
+_GAP = 1e-9
 
 
 def is_available(engine: str = "pulp-cbc") -> bool:
@@ -37,7 +40,9 @@ def is_available(engine: str = "pulp-cbc") -> bool:
         if engine.startswith("pulp"):
             import pulp
 
-            solver = pulp.PULP_CBC_CMD(msg=False) if engine == "pulp-cbc" else pulp.HiGHS(msg=False)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                solver = pulp.PULP_CBC_CMD(msg=False) if engine == "pulp-cbc" else pulp.HiGHS(msg=False)
             return bool(solver.available())
         import cvxpy as cp
 
@@ -89,8 +94,17 @@ def _solve_pulp(model: _Model, capacity: float, engine: str, time_left: float | 
 
     p = model.problem
     lp = pulp.LpProblem("lora_allocation", pulp.LpMaximize)
-    x = [pulp.LpVariable(f"x{k}", cat="Binary") for k in range(len(model.cost))]
-    z = [pulp.LpVariable(f"z{j}", cat="Binary") for j in range(p.num_blocks)]
+    if hasattr(lp, "add_variable"):  # pulp >= 3.3 (LpVariable(...) is deprecated there)
+
+        def var(name):
+            return lp.add_variable(name, cat="Binary")
+    else:  # pragma: no cover - older pulp
+
+        def var(name):
+            return pulp.LpVariable(name, cat="Binary")
+
+    x = [var(f"x{k}") for k in range(len(model.cost))]
+    z = [var(f"z{j}") for j in range(p.num_blocks)]
     lp += pulp.lpSum(float(model.value[k]) * x[k] for k in range(len(x)))
     per_item: dict[int, list] = {}
     for k, i in enumerate(model.opt_item):
@@ -108,9 +122,12 @@ def _solve_pulp(model: _Model, capacity: float, engine: str, time_left: float | 
     )
     limit = None if time_left is None else max(0.05, time_left)
     if engine == "pulp-cbc":
-        solver = pulp.PULP_CBC_CMD(msg=False, timeLimit=limit, threads=1)
+        with warnings.catch_warnings():
+            # pulp 3.3 deprecates the bundled CBC for 4.0; it is still the CBC every pulp install ships.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            solver = pulp.PULP_CBC_CMD(msg=False, timeLimit=limit, threads=1, gapRel=_GAP)
     else:
-        solver = pulp.HiGHS(msg=False, timeLimit=limit, threads=1, output_flag=False)
+        solver = pulp.HiGHS(msg=False, timeLimit=limit, threads=1, gapRel=_GAP, output_flag=False)
     try:
         lp.solve(solver)
     except Exception as exc:  # noqa: BLE001 - pulp raises PulpSolverError and friends
@@ -145,9 +162,14 @@ def _solve_cvxpy(model: _Model, capacity: float, engine: str, time_left: float |
         cons.append(z[:-1] <= z[1:])
     cons.append((model.cost / model.unit) @ x + (model.block_costs / model.unit) @ z <= capacity / model.unit)
     prob = cp.Problem(cp.Maximize(model.value @ x), cons)
-    opts = {} if time_left is None else {"time_limit": max(0.05, time_left)}
+    opts: dict = {"mip_rel_gap": _GAP}
+    if time_left is not None:
+        opts["time_limit"] = max(0.05, time_left)
     try:
-        prob.solve(solver=cp.HIGHS, **opts)
+        with warnings.catch_warnings():
+            # cvxpy warns "Solution may be inaccurate" when HiGHS stops on its time limit; reported as a timeout.
+            warnings.simplefilter("ignore", UserWarning)
+            prob.solve(solver=cp.HIGHS, **opts)
     except cp.error.SolverError as exc:
         raise SolverError(engine, f"client {p.client}: {exc}") from exc
     if prob.status == cp.OPTIMAL:
