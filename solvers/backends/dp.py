@@ -209,6 +209,7 @@ def _solve_group(problems: Sequence[AllocationProblem], q: int, impl: str, name:
                 solve_time_s=elapsed / m,
                 client=p.client,
                 message=msg,
+                bound=max(value, float(upper[c])),
             )
         )
     return plans

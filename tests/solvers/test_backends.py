@@ -99,6 +99,7 @@ def test_coarse_grid_dp_fits_and_certificate_is_sound(problem):
             if plan.status is PlanStatus.INFEASIBLE:
                 continue
             assert plan.objective <= opt + _TOL
+            assert plan.bound is not None and plan.bound >= opt - _TOL  # the relaxation bound is a real bound
             if plan.status is PlanStatus.OPTIMAL:
                 assert plan.objective == pytest.approx(opt, abs=1e-7)
             else:
