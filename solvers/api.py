@@ -97,6 +97,8 @@ def _verify(problem: AllocationProblem, plan: Plan) -> Plan:
     plan.lowest_block = problem.lowest_block(plan.modules)
     plan.client = problem.client
     plan.budget = problem.budget
+    if plan.status is PlanStatus.OPTIMAL:
+        plan.bound = plan.objective
     return plan
 
 

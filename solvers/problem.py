@@ -305,6 +305,8 @@ class Plan:
         client: client id, if any.
         lowest_block: lowest trained block (None when nothing trains).
         message: free text (why infeasible, rounding slack, solver remarks).
+        bound: an upper bound on the optimal objective when the backend has one (the DP's rounded-down
+            relaxation; equals ``objective`` for optimal plans), else None.
     """
 
     modules: dict[str, int]
@@ -317,6 +319,7 @@ class Plan:
     client: int | str | None = None
     lowest_block: int | None = None
     message: str = ""
+    bound: float | None = None
 
     def __post_init__(self) -> None:
         self.status = PlanStatus(self.status)
@@ -349,6 +352,7 @@ class Plan:
             "solve_time_s": float(self.solve_time_s),
             "lowest_block": self.lowest_block,
             "message": self.message,
+            "bound": None if self.bound is None else float(self.bound),
         }
 
     @classmethod
@@ -372,6 +376,7 @@ class Plan:
                 client=data.get("client"),
                 lowest_block=data.get("lowest_block"),
                 message=str(data.get("message", "")),
+                bound=None if data.get("bound") is None else float(data["bound"]),
             )
         except KeyError as exc:
             raise ProblemError(f"plan dict is missing key {exc.args[0]!r}") from None

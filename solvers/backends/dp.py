@@ -14,8 +14,9 @@ refinements over the per-block enumeration written there:
 
 Costs are rounded *up* to the grid ``quantum`` and capacities *down*, so every returned plan fits its exact budget.
 Optimality certificate: a second table with costs rounded *down* is a relaxation (any exactly-feasible plan
-satisfies sum floor(c/q) <= floor(cap/q)); its optimum bounds the true optimum from above. When the
-rounded-up plan reaches that bound the plan is ``optimal``, else ``feasible`` (the message gives the gap).
+satisfies sum floor(c/q) <= floor(cap/q)); its optimum bounds the true optimum from above. The relaxation's own
+optimal plan is back-tracked too: when it fits under the exact costs it *is* optimal and is returned. When the
+returned plan reaches the bound it is ``optimal``, else ``feasible`` (the message gives the gap).
 With ``quantum == 1`` (small problems) the DP is exact.
 """
 
@@ -140,11 +141,12 @@ def _solve_group(problems: Sequence[AllocationProblem], q: int, impl: str, name:
     exact_grid = bool(np.all(arrs.costs[arrs.valid] % q == 0))
     if not exact_grid:
         w_down = np.where(arrs.valid, arrs.costs // q, big)[order]
-        bound_snaps, _ = dp_tables(w_down, v_sorted, cells, snap_at, False, impl)
+        bound_snaps, bound_choice = dp_tables(w_down, v_sorted, cells, snap_at, True, impl)
     else:
-        bound_snaps = snaps
+        w_down, bound_snaps, bound_choice = w_up, snaps, choice
 
     m = len(problems)
+    rows = np.arange(m)
     free = np.array([p.budget - p.fixed_bytes for p in problems], dtype=np.int64)  # (m,)
     caps = free[:, None] - arrs.suffix[cand_blocks][None, :]  # (m, S) exact capacity for the additive part
     ok = caps >= 0
@@ -153,29 +155,39 @@ def _solve_group(problems: Sequence[AllocationProblem], q: int, impl: str, name:
     vals = np.where(ok, snaps[cols, idx], -np.inf)
     bounds = np.where(ok, bound_snaps[cols, idx], -np.inf)
     best_s = np.argmax(vals, axis=1)  # first max = highest lowest-block among ties = least activation memory
-    best_val = vals[np.arange(m), best_s]
-    upper = np.max(bounds, axis=1)
+    bound_s = np.argmax(bounds, axis=1)
+    upper = bounds[rows, bound_s]
+
+    c_sorted = np.concatenate([np.zeros((n, 1), np.int64), np.where(arrs.valid, arrs.costs, 0)[order]], axis=1)
+    v_pad = np.concatenate([np.zeros((n, 1)), v_sorted], axis=1)
+
+    def exact(levels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Exact additive+activation bytes and value of plans given as levels in sorted item order."""
+        add = c_sorted[np.arange(n)[None, :], levels].sum(axis=1)
+        lowest = np.where(levels > 0, blocks_sorted[None, :], ref.num_blocks).min(axis=1)
+        return add + arrs.suffix[lowest], v_pad[np.arange(n)[None, :], levels].sum(axis=1)
+
+    lv_up = _backtrack(choice, w_up, snap_at, best_s, idx[rows, best_s])
+    bytes_up, value_up = exact(lv_up)
+    value_up = np.where(np.isfinite(vals[rows, best_s]) & (bytes_up <= free), value_up, -1.0)
+    # Certificate by construction: the rounded-down table is a relaxation; when its optimal plan happens to fit
+    # under the exact costs it is optimal for the real problem (it is usually the case, see bench/).
+    lv_down = _backtrack(bound_choice, w_down, snap_at, bound_s, idx[rows, bound_s])
+    bytes_down, value_down = exact(lv_down)
+    value_down = np.where(np.isfinite(upper) & (bytes_down <= free), value_down, -1.0)
     single_val, single_item, single_opt = best_single(arrs, free)
     elapsed = time.perf_counter() - t0
 
     plans = []
     for c in range(m):
         p = problems[c]
+        use_down = value_down[c] > value_up[c]
+        levels = lv_down[c] if use_down else lv_up[c]
+        value = float(max(value_up[c], value_down[c]))
         modules: dict[str, int] = {}
-        value = float(best_val[c])
-        if np.isfinite(value):
-            s = int(best_s[c])
-            cell = int(idx[c, s])
-            for pos in range(int(snap_at[s]) - 1, -1, -1):
-                o = int(choice[pos, cell])
-                if o:
-                    it = ref.items[int(order[pos])]
-                    modules[it.name] = it.ranks[o - 1]
-                    cell -= int(w_up[pos, o - 1])
-            if cell < 0:  # pragma: no cover - would be a table bug
-                raise SolverError(name, f"client {p.client}: DP back-track left a negative capacity")
-        else:
-            value = -1.0
+        for pos in np.nonzero(levels)[0]:
+            it = ref.items[int(order[pos])]
+            modules[it.name] = it.ranks[int(levels[pos]) - 1]
         if single_val[c] > value:  # the grid rounding squeezed out every plan, but one module fits exactly
             it = ref.items[int(single_item[c])]
             modules = {it.name: it.ranks[int(single_opt[c])]}
@@ -197,9 +209,32 @@ def _solve_group(problems: Sequence[AllocationProblem], q: int, impl: str, name:
                 solve_time_s=elapsed / m,
                 client=p.client,
                 message=msg,
+                bound=max(value, float(upper[c])),
             )
         )
     return plans
+
+
+def _backtrack(choice: np.ndarray, w: np.ndarray, snap_at: np.ndarray, snap: np.ndarray, cell0: np.ndarray):
+    """Chosen level (0 = untrained, o+1 = option o) of every sorted item, for every client at once.
+
+    Client c reads snapshot ``snap[c]`` (items ``[0, snap_at[snap[c]])``) at cell ``cell0[c]`` and walks back.
+    """
+    n = choice.shape[0]
+    m = len(snap)
+    levels = np.zeros((m, n), dtype=np.int64)
+    if n == 0 or m == 0:
+        return levels
+    w_pad = np.concatenate([np.zeros((n, 1), np.int64), w], axis=1)
+    cell = cell0.astype(np.int64).copy()
+    limit = snap_at[snap]
+    for pos in range(n - 1, -1, -1):
+        o = np.where(pos < limit, choice[pos, cell], 0).astype(np.int64)
+        levels[:, pos] = o
+        cell = cell - w_pad[pos, o]
+    if np.any(cell < 0):  # pragma: no cover - would be a table bug
+        raise SolverError("dp", "DP back-track left a negative capacity")
+    return levels
 
 
 def solve_batch(
