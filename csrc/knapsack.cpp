@@ -1,0 +1,135 @@
+// Multiple-choice 0/1 knapsack DP over a discretised memory axis, for solvers.backends.dp.
+//
+// Built by setup.py (OptionalBuildExt) into `solvers._knapsack`. Plain CPython C-API plus the buffer protocol,
+// so numpy arrays are read/written in place without numpy headers at build time.
+//
+// mck(weights, values, n_items, n_opts, n_cells, snap_at, snaps, choice)
+//   weights: int64[n_items * n_opts]   rounded cost (in grid cells) of each rank option; a weight >= n_cells
+//                                       disables the option (padding for items with fewer options)
+//   values:  float64[n_items * n_opts]  value of each option
+//   snap_at: int64[n_snaps]             copy the table after the first snap_at[s] items into snaps[s]
+//   snaps:   float64[n_snaps * n_cells] (written)
+//   choice:  int8[n_items * n_cells] or None (written: 0 = item not taken, k+1 = option k taken)
+// f[c] = best value with total rounded weight <= c ("at most" semantics, f starts at 0 everywhere), so a
+// snapshot read at the client's capacity is the optimum for that capacity. One pass serves every capacity,
+// which is what lets solve_many plan 1,000 clients of one model from a single table.
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+struct Buffer {
+    Py_buffer view{};
+    bool held = false;
+    ~Buffer() {
+        if (held) PyBuffer_Release(&view);
+    }
+};
+
+bool get_buffer(PyObject* obj, Buffer& buf, Py_ssize_t itemsize, Py_ssize_t count, bool writable, const char* what) {
+    int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT;
+    if (writable) flags |= PyBUF_WRITABLE;
+    if (PyObject_GetBuffer(obj, &buf.view, flags) != 0) return false;
+    buf.held = true;
+    if (buf.view.itemsize != itemsize || buf.view.len != itemsize * count) {
+        PyErr_Format(PyExc_ValueError, "_knapsack.mck: %s has %zd bytes of itemsize %zd, expected %zd items of %zd",
+                     what, buf.view.len, buf.view.itemsize, count, itemsize);
+        return false;
+    }
+    return true;
+}
+
+PyObject* mck(PyObject*, PyObject* args) {
+    PyObject *w_obj, *v_obj, *snap_obj, *snaps_obj, *choice_obj;
+    Py_ssize_t n, k, cells;
+    if (!PyArg_ParseTuple(args, "OOnnnOOO", &w_obj, &v_obj, &n, &k, &cells, &snap_obj, &snaps_obj, &choice_obj))
+        return nullptr;
+    if (n < 0 || k <= 0 || cells <= 0) {
+        PyErr_Format(PyExc_ValueError, "_knapsack.mck: bad sizes n_items=%zd n_opts=%zd n_cells=%zd", n, k, cells);
+        return nullptr;
+    }
+    Buffer w, v, snap_at, snaps, choice;
+    if (!get_buffer(w_obj, w, 8, n * k, false, "weights")) return nullptr;
+    if (!get_buffer(v_obj, v, 8, n * k, false, "values")) return nullptr;
+    if (PyObject_GetBuffer(snap_obj, &snap_at.view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) != 0) return nullptr;
+    snap_at.held = true;
+    if (snap_at.view.itemsize != 8) {
+        PyErr_SetString(PyExc_ValueError, "_knapsack.mck: snap_at must be int64");
+        return nullptr;
+    }
+    const Py_ssize_t n_snaps = snap_at.view.len / 8;
+    if (!get_buffer(snaps_obj, snaps, 8, n_snaps * cells, true, "snaps")) return nullptr;
+    const bool want_choice = choice_obj != Py_None;
+    if (want_choice && !get_buffer(choice_obj, choice, 1, n * cells, true, "choice")) return nullptr;
+
+    const auto* W = static_cast<const int64_t*>(w.view.buf);
+    const auto* V = static_cast<const double*>(v.view.buf);
+    const auto* S = static_cast<const int64_t*>(snap_at.view.buf);
+    auto* out = static_cast<double*>(snaps.view.buf);
+    auto* ch = want_choice ? static_cast<int8_t*>(choice.view.buf) : nullptr;
+    for (Py_ssize_t s = 0; s < n_snaps; ++s) {
+        if (S[s] < 0 || S[s] > n) {
+            PyErr_Format(PyExc_ValueError, "_knapsack.mck: snap_at[%zd]=%lld outside [0, %zd]", s, (long long)S[s], n);
+            return nullptr;
+        }
+    }
+    if (k > 126) {
+        PyErr_Format(PyExc_ValueError, "_knapsack.mck: at most 126 rank options per item, got %zd", k);
+        return nullptr;
+    }
+
+    Py_BEGIN_ALLOW_THREADS;
+    std::vector<double> f(static_cast<size_t>(cells), 0.0);
+    Py_ssize_t next = 0;
+    auto flush = [&](Py_ssize_t done) {
+        while (next < n_snaps && S[next] == done) {
+            std::memcpy(out + next * cells, f.data(), sizeof(double) * cells);
+            ++next;
+        }
+    };
+    flush(0);
+    for (Py_ssize_t i = 0; i < n; ++i) {
+        const int64_t* wi = W + i * k;
+        const double* vi = V + i * k;
+        int8_t* row = ch ? ch + i * cells : nullptr;
+        // Descending c: f[c - w] (w > 0) still holds the previous item's table, so each item is used once.
+        // w == 0 reads f[c] itself, which is read into `best` before being overwritten.
+        for (Py_ssize_t c = cells - 1; c >= 0; --c) {
+            double best = f[c];
+            int8_t pick = 0;
+            for (Py_ssize_t o = 0; o < k; ++o) {
+                const int64_t wo = wi[o];
+                if (wo <= c) {
+                    const double cand = f[c - wo] + vi[o];
+                    if (cand > best) {
+                        best = cand;
+                        pick = static_cast<int8_t>(o + 1);
+                    }
+                }
+            }
+            f[c] = best;
+            if (row) row[c] = pick;
+        }
+        flush(i + 1);
+    }
+    Py_END_ALLOW_THREADS;
+    Py_RETURN_NONE;
+}
+
+PyMethodDef methods[] = {
+    {"mck", mck, METH_VARARGS,
+     "mck(weights, values, n_items, n_opts, n_cells, snap_at, snaps, choice): multiple-choice knapsack DP "
+     "tables (see csrc/knapsack.cpp)."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+PyModuleDef module = {PyModuleDef_HEAD_INIT, "_knapsack", "Native multiple-choice knapsack DP for solvers.", -1,
+                      methods};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__knapsack(void) { return PyModule_Create(&module); }
