@@ -44,7 +44,7 @@ def stack_lora(
         A only (B is stacked unscaled), so a zero-initialised B_i (round 0) simply contributes nothing.
     """
     if len(As) != len(Bs) or not As:
-        raise ShapeError(f"stack_lora needs as many A as B factors and at least one client, got {len(As)} and {len(Bs)}")
+        raise ShapeError(f"stack_lora needs as many A as B factors and >= 1 client, got {len(As)} and {len(Bs)}")
     for i, (A, B) in enumerate(zip(As, Bs, strict=True)):
         if A.shape[-2] != B.shape[-1] or A.shape[:-2] != B.shape[:-2]:
             raise ShapeError(f"client {i}: A {tuple(A.shape)} and B {tuple(B.shape)} do not pair (rank or module dim)")
