@@ -88,20 +88,20 @@ class HetLoRA(AggregationRule):
             for u, p in ts:
                 A, B = folded(u, m, state.scales[m], dt)
                 keep = pruned.get(str(u.client_id), {}).get(m)
-                if keep is not None and keep < A.shape[0]:  # drop ranks pruned in earlier rounds
-                    A, B = A.clone(), B.clone()
-                    A[keep:] = 0
-                    B[:, keep:] = 0
-                if o.prune_gamma is not None:
+                if o.prune_gamma is not None:  # decide first: a client prunes before it sends (paper, [R])
                     r_eff = A.shape[0] if keep is None else min(keep, A.shape[0])
                     g = max(o.prune_min_rank, math.floor(o.prune_gamma * r_eff))
                     tail = product_norm(B[:, g:r_eff], A[g:r_eff]) * state.scales[m]
                     prev = tails.get(str(u.client_id), {}).get(m)
                     if prev is not None and tail < prev and g < r_eff:
-                        pruned.setdefault(str(u.client_id), {})[m] = g
+                        pruned.setdefault(str(u.client_id), {})[m] = keep = g
                         result.notes.append(f"hetlora: client {u.client_id} module {m!r} rank pruned {r_eff} -> {g} "
                                             f"(tail norm {tail:.3g} < {prev:.3g})")
                     tails.setdefault(str(u.client_id), {})[m] = tail
+                if keep is not None and keep < A.shape[0]:  # drop the pruned ranks
+                    A, B = A.clone(), B.clone()
+                    A[keep:] = 0
+                    B[:, keep:] = 0
                 facs.append((A, B, p, product_norm(B, A) * state.scales[m]))
             if o.weighting in ("norm", "norm_samples"):
                 raw = [nrm * (p if o.weighting == "norm_samples" else 1.0) for _, _, p, nrm in facs]
