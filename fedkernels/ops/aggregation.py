@@ -103,30 +103,53 @@ def merge_stacked(
     return _merge_torch(weight, A_stack, B_stack, float(scale))
 
 
+def _qr_r(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Householder QR without forming Q: (reflectors, tau, R [.., min(m,n), n]); Q is applied later with ormqr
+    only to the columns that are needed (forming Q costs as much as the factorisation itself)."""
+    a, tau = torch.geqrf(X)
+    k = min(X.shape[-2], X.shape[-1])
+    return a, tau, torch.triu(a[..., :k, :])
+
+
+def _apply_q(a: torch.Tensor, tau: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """``Q[:, :k] @ X`` for ``X [.., k, c]`` (k = min(m, n) of the factorised matrix), via LAPACK ormqr."""
+    m, k = a.shape[-2], X.shape[-2]
+    if m > k:
+        X = torch.cat([X, X.new_zeros(*X.shape[:-2], m - k, X.shape[-1])], dim=-2)
+    return torch.ormqr(a, tau, X.contiguous())
+
+
 def factor_svd(
-    B_stack: torch.Tensor, A_stack: torch.Tensor, *, compute_dtype: torch.dtype | None = None
+    B_stack: torch.Tensor, A_stack: torch.Tensor, *, k: int | None = None, compute_dtype: torch.dtype | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thin SVD of ``B_stack @ A_stack`` from the factors, never forming the ``out x in`` product.
 
     ``B = Q_b R_b`` and ``A^T = Q_a R_a`` (reduced QR), core ``C = R_b R_a^T`` (``S x S``), ``C = U_c diag(s) V_c^T``;
-    then ``B A = (Q_b U_c) diag(s) (Q_a V_c)^T``. Cost ``~ 4 (out+in) S^2 + O(S^3)`` FLOPs per module.
+    then ``B A = (Q_b U_c) diag(s) (Q_a V_c)^T``. Cost ``~ 4 (out+in) S^2 + O(S^3)`` FLOPs per module. Q is never
+    formed: the Householder reflectors are applied (ormqr) to the ``k`` wanted singular vectors only.
 
     Args:
         B_stack: ``[..., out, S]``; A_stack: ``[..., S, in]`` (leading dims are batched).
+        k: number of leading singular triplets to return (default all ``K = min(S, out, in)``; values are exact
+            either way, ``k`` only saves the vector work).
         compute_dtype: dtype of the QR/SVD; default: the inputs' dtype, at least float32.
 
     Returns:
-        ``U [..., out, K]``, ``S [..., K]`` (descending), ``Vh [..., K, in]`` with ``K = min(S, out, in)`` and
-        ``U @ diag(S) @ Vh == B_stack @ A_stack`` up to rounding. Works for zero factors (round 0: S = 0).
+        ``U [..., out, k]``, ``S [..., k]`` (descending), ``Vh [..., k, in]`` with ``U @ diag(S) @ Vh ==
+        B_stack @ A_stack`` up to rounding when ``k = K``. Works for zero factors (round 0: S = 0).
     """
     if B_stack.shape[-1] != A_stack.shape[-2] or B_stack.shape[:-2] != A_stack.shape[:-2]:
         raise ShapeError(f"factor_svd: B {tuple(B_stack.shape)} and A {tuple(A_stack.shape)} do not pair")
     dtype = compute_dtype or torch.promote_types(torch.promote_types(B_stack.dtype, A_stack.dtype), torch.float32)
-    Qb, Rb = torch.linalg.qr(B_stack.to(dtype))  # [.., out, k1], [.., k1, S]
-    Qa, Ra = torch.linalg.qr(A_stack.to(dtype).transpose(-1, -2))  # [.., in, k2], [.., k2, S]
+    ab, tb, Rb = _qr_r(B_stack.to(dtype))  # R_b [.., k1, S]
+    aa, ta, Ra = _qr_r(A_stack.to(dtype).transpose(-1, -2).contiguous())  # R_a [.., k2, S]
     core = Rb @ Ra.transpose(-1, -2)  # [.., k1, k2]
     Uc, s, Vch = torch.linalg.svd(core, full_matrices=False)
-    return Qb @ Uc, s, Vch @ Qa.transpose(-1, -2)
+    K = s.shape[-1]
+    k = K if k is None else max(0, min(int(k), K))
+    U = _apply_q(ab, tb, Uc[..., :, :k])
+    Vh = _apply_q(aa, ta, Vch[..., :k, :].transpose(-1, -2)).transpose(-1, -2)
+    return U, s[..., :k], Vh
 
 
 def flexlora_redistribute(
@@ -159,7 +182,7 @@ def flexlora_redistribute(
         if int(r) != r or r < 0:
             raise RankError(f"flexlora_redistribute: target {i} has rank {r!r}; ranks must be non-negative integers")
     A_stack, B_stack = stack_lora(As, Bs, weights)
-    U, s, Vh = factor_svd(B_stack, A_stack, compute_dtype=compute_dtype)
+    U, s, Vh = factor_svd(B_stack, A_stack, k=max(ranks, default=0), compute_dtype=compute_dtype)
     K = s.shape[-1]
     out_dtype = As[0].dtype
     res = []
