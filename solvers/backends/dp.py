@@ -271,7 +271,7 @@ def solve_batch(
         impl = "native" if _knapsack is not None else "numpy"
     label = name if name != "dp" else f"dp-{impl}"
     out: list[Plan | None] = [None] * len(problems)
-    for key, members in group_problems(problems, extra=resolved_quantum).items():
+    for key, members in group_problems(problems, extra=resolved_quantum):
         q = key[-1]
         for k, plan in zip(members, _solve_group([problems[i] for i in members], q, impl, label), strict=True):
             out[k] = plan
