@@ -158,6 +158,15 @@ def run(n_clients: int, ilp_clients: int, repeats: int) -> dict:
     ok = ref_obj > 0
     gap_vs_dp = (ref_obj[ok] - greedy[ok]) / ref_obj[ok]
     gap_vs_bound = (bound[ok] - greedy[ok]) / bound[ok]
+    tier = np.arange(n_clients)[ok] % 3
+    per_tier = {
+        f"tier{t + 1}_{int(TIERS[t][0] * 100)}-{int(TIERS[t][1] * 100)}pct": {
+            "median": float(np.median(gap_vs_dp[tier == t])),
+            "worst": float(np.max(gap_vs_dp[tier == t])),
+        }
+        for t in range(3)
+        if np.any(tier == t)
+    }
     ilp_obj = np.array([p.objective for p in full["pulp-highs"]])
     dp_sub = ref_obj[: len(sub)]
     results["greedy_gap"] = {
@@ -169,6 +178,7 @@ def run(n_clients: int, ilp_clients: int, repeats: int) -> dict:
         "median_vs_bound": float(np.median(gap_vs_bound)),
         "worst_vs_bound": float(np.max(gap_vs_bound)),
         "greedy_equal_to_dp_fraction": float(np.mean(np.isclose(greedy[ok], ref_obj[ok], rtol=1e-12))),
+        "per_tier": per_tier,
     }
     results["dp_vs_ilp_on_subset"] = {
         "clients": len(sub),

@@ -104,3 +104,13 @@ def test_llama_dp_vs_ilp_and_greedy():
         )
         assert coarse.predicted_bytes <= p.budget and coarse.objective <= ilp.objective + 1e-9
         assert coarse.objective >= 0.99 * ilp.objective  # grid rounding loses a sliver at most
+
+
+def test_solve_many_mixed_models_keeps_order():
+    a = _clients(5, seed=5)
+    b = [p.with_budget(p.budget // 2 + p.fixed_bytes // 2) for p in _clients(5, seed=6)]  # other values/costs
+    mixed = [x for pair in zip(a, b, strict=True) for x in pair]
+    plans = solve_many(mixed, "dp")
+    for p, plan in zip(mixed, plans, strict=True):
+        assert plan.modules == solve(p, "dp").modules
+        assert plan.budget == p.budget
