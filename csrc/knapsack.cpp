@@ -161,4 +161,14 @@ PyModuleDef module = {PyModuleDef_HEAD_INIT, "_knapsack", "Native multiple-choic
 
 }  // namespace
 
-PyMODINIT_FUNC PyInit__knapsack(void) { return PyModule_Create(&module); }
+// Bumped whenever mck's signature changes; solvers.backends.dp ignores a stale build with another version.
+constexpr long kAbiVersion = 2;
+
+PyMODINIT_FUNC PyInit__knapsack(void) {
+    PyObject* m = PyModule_Create(&module);
+    if (m && PyModule_AddIntConstant(m, "ABI_VERSION", kAbiVersion) != 0) {
+        Py_DECREF(m);
+        return nullptr;
+    }
+    return m;
+}

@@ -33,8 +33,14 @@ from solvers.backends._common import best_single, group_problems, item_arrays
 from solvers.errors import SolverError
 from solvers.problem import AllocationProblem, Plan, PlanStatus
 
+#: csrc/knapsack.cpp's ABI_VERSION this module calls; a stale build (older signature) is ignored, not crashed on.
+NATIVE_ABI = 2
+
 try:  # built from csrc/knapsack.cpp by setup.py; optional
     from solvers import _knapsack  # type: ignore[attr-defined]
+
+    if getattr(_knapsack, "ABI_VERSION", None) != NATIVE_ABI:  # pragma: no cover - depends on the build
+        _knapsack = None
 except ImportError:  # pragma: no cover - depends on the build
     _knapsack = None
 
@@ -76,7 +82,10 @@ def is_available(impl: str = "auto") -> bool:
 
 
 def unavailable_reason(impl: str = "auto") -> str:
-    return "native extension solvers._knapsack is not built (run `python setup.py build_ext --inplace`)"
+    return (
+        f"native extension solvers._knapsack (ABI {NATIVE_ABI}) is not built or is stale "
+        "(run `python setup.py build_ext --inplace`)"
+    )
 
 
 def _tables_numpy(w: np.ndarray, v: np.ndarray, cells: int, snap_at: np.ndarray, query: np.ndarray, want_choice):
