@@ -114,3 +114,15 @@ def test_solve_many_mixed_models_keeps_order():
     for p, plan in zip(mixed, plans, strict=True):
         assert plan.modules == solve(p, "dp").modules
         assert plan.budget == p.budget
+
+
+def test_time_limit_coarsens_only_the_automatic_grid():
+    base = llama_like(num_blocks=16, seed=3)
+    p = base.with_budget(base.fixed_bytes + (base.max_train_bytes() - base.fixed_bytes) // 3)
+    exact_q = dp.resolved_quantum(p)
+    assert dp.resolved_quantum(p, time_limit=1e-3, impl="numpy") > exact_q
+    assert dp.resolved_quantum(p, time_limit=1e6, impl="native") == exact_q
+    fixed = AllocationProblem(p.items, p.block_costs, p.static_bytes, p.head_bytes, p.budget, quantum=4096)
+    assert dp.resolved_quantum(fixed, time_limit=1e-3) == 4096  # an explicit grid is the user's call
+    fast = solve(p, "dp", time_limit=0.05)
+    assert fast.predicted_bytes <= p.budget and fast.objective <= solve(p, "dp").objective + 1e-9
