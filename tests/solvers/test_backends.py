@@ -19,7 +19,11 @@ _TOL = 1e-9
 
 
 def test_every_known_backend_is_available_here():
-    assert set(BACKENDS) == set(solvers.backend_names())
+    from solvers.backends import dp
+
+    # pulp and cvxpy+HiGHS are hard dependencies; only the native DP depends on a compiler at install time.
+    expected = set(solvers.backend_names()) - (set() if dp._knapsack is not None else {"dp-native"})
+    assert set(BACKENDS) == expected
 
 
 def _check_plan(problem: AllocationProblem, plan) -> None:
