@@ -97,7 +97,7 @@ def test_coarse_grid_dp_fits_and_certificate_is_sound(problem):
         coarse = AllocationProblem(
             problem.items, problem.block_costs, problem.static_bytes, problem.head_bytes, problem.budget, quantum=q
         )
-        for backend in ("dp-native", "dp-numpy"):
+        for backend in [b for b in ("dp-native", "dp-numpy") if b in BACKENDS]:
             plan = solve(coarse, backend)
             _check_plan(coarse, plan)
             if plan.status is PlanStatus.INFEASIBLE:
