@@ -238,7 +238,10 @@ def _random_batch(model: nn.Module, batch_size: int, seq_len: int) -> dict[str, 
     dev = next(model.parameters()).device
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1, max(2, vocab), (batch_size, seq_len), generator=g)
-    return {"input_ids": ids.to(dev), "attention_mask": torch.ones_like(ids).to(dev),
+    mask = torch.ones_like(ids)
+    if seq_len > 1:  # real batches are padded: transformers then hands SDPA an explicit mask, saved per block
+        mask[0, -max(1, seq_len // 4):] = 0
+    return {"input_ids": ids.to(dev), "attention_mask": mask.to(dev),
             "labels": torch.randint(0, labels, (batch_size,), generator=g).to(dev)}
 
 
@@ -462,19 +465,22 @@ class MemoryModel:
         optimizer: str = "adamw",
         num_labels: int = 2,
         rank_scaling: bool = True,
+        padded: bool = False,
     ) -> MemoryModel:
         """Analytic model from a transformers config (object, dict, config.json path, folder or preset).
 
         No weights are loaded: the model is built on the ``meta`` device to count parameters and find the
         target modules. Activation terms are counted for PyTorch's CPU/GPU SDPA attention (saves q, k, v,
-        output and a float32 logsumexp; no s x s matrix), dropout off (``model.eval()``). See
-        `_architecture` for the per-block accounting of BERT-, GPT-2- and Llama-style blocks.
+        output and a float32 logsumexp; no s x s matrix), dropout off (``model.eval()``). ``padded``: batches
+        carry padding in their attention mask; transformers then passes SDPA an explicit ``[b, 1, s, s]`` mask
+        that every block saves, and Llama expands grouped keys/values to all heads. See `solvers._analytic`
+        for the per-block accounting of BERT-, GPT-2- and Llama-style blocks.
         """
         from solvers import _analytic
 
         return _analytic.build(cls, config, batch_size=batch_size, seq_len=seq_len, rank=rank, targets=targets,
                                task=task, dtype=dtype, optimizer=optimizer, num_labels=num_labels,
-                               rank_scaling=rank_scaling)
+                               rank_scaling=rank_scaling, padded=padded)
 
     @classmethod
     def from_model(

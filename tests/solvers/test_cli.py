@@ -27,7 +27,8 @@ num_clients: 5
 
 @pytest.fixture(scope="module")
 def tiers():
-    mm = MemoryModel.from_config("bert-tiny", batch_size=4, seq_len=32, rank=8, targets=["query", "value"])
+    mm = MemoryModel.from_config("bert-tiny", batch_size=4, seq_len=32, rank=8, targets=["query", "value"],
+                                 padded=True)
     lo, hi = mm.min_trainable_bytes(), mm.full_bytes()
     return mm, [lo, (lo + hi) // 2, hi]
 

@@ -239,3 +239,21 @@ def test_presets_plan_without_weights():
     assert 12.5e9 < mm.static_bytes < 14e9  # 6.7 B parameters x 2 bytes
     assert mm.num_blocks == 32 and len(mm.modules) == 64
     assert mm.full_bytes() > mm.min_trainable_bytes() > mm.static_bytes
+
+
+@pytest.mark.parametrize("kind", ARCHS)
+def test_padded_batches(kind):
+    """Padding makes transformers pass SDPA an explicit mask (saved per block); padded=True models it."""
+    cfg, pm, targets, lora, head = _build(kind, layers=2)
+    batch = _batch()
+    batch["attention_mask"][:, -S // 3:] = 0
+    analytic = MemoryModel.from_config(cfg, batch_size=B, seq_len=S, rank=R, targets=targets, num_labels=3,
+                                       padded=True)
+    calibrated = MemoryModel.from_model(pm, batch, lora, always_trainable=head)
+    names = list(lora)
+    for plan in ([names[0]], names, [names[-1]]):
+        meas = measure(pm, batch, head + [p for n in plan for p in lora[n]])
+        dynamic = meas.total - meas.param_bytes
+        for mm in (analytic, calibrated):
+            assert abs(mm.predict(plan) - meas.total) <= 0.10 * meas.total
+            assert abs(mm.predict(plan) - mm.static_bytes - dynamic) <= 0.10 * dynamic
