@@ -86,15 +86,15 @@ def check_feasible(problem: AllocationProblem) -> None:
 def _verify(problem: AllocationProblem, plan: Plan) -> Plan:
     """Recompute cost/value exactly; a plan over budget is a backend bug, reported as SolverError."""
     plan.modules = {n: int(r) for n, r in plan.modules.items() if r}
-    exact = problem.cost(plan.modules)
+    exact, value, lowest = problem.evaluate(plan.modules)
     if exact > problem.budget and plan.status is not PlanStatus.INFEASIBLE:
         raise SolverError(
             plan.backend,
             f"client {problem.client}: plan needs {exact} bytes > budget {problem.budget} bytes under exact costs",
         )
     plan.predicted_bytes = exact
-    plan.objective = problem.value(plan.modules)
-    plan.lowest_block = problem.lowest_block(plan.modules)
+    plan.objective = value
+    plan.lowest_block = lowest
     plan.client = problem.client
     plan.budget = problem.budget
     if plan.status is PlanStatus.OPTIMAL:

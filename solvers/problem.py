@@ -58,6 +58,7 @@ class Item:
     ranks: tuple[int, ...]
     costs: tuple[int, ...]
     values: tuple[float, ...]
+    _rank_index: dict[int, int] = field(init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -105,12 +106,13 @@ class Item:
                 raise ProblemError(f"item {self.name!r}: values must be finite and >= 0, got {v!r}")
             values.append(fv)
         object.__setattr__(self, "values", tuple(values))
+        object.__setattr__(self, "_rank_index", {r: k for k, r in enumerate(self.ranks)})
 
     def option(self, rank: int) -> int:
         """Index of ``rank`` in `ranks`; raises ProblemError for a rank that is not an option."""
         try:
-            return self.ranks.index(rank)
-        except ValueError:
+            return self._rank_index[rank]
+        except (KeyError, TypeError):
             raise ProblemError(
                 f"module {self.name!r}: rank {rank!r} is not one of its options {self.ranks!r}"
             ) from None
@@ -148,6 +150,7 @@ class AllocationProblem:
     quantum: int | None = None
     _index: dict[str, int] = field(init=False, repr=False, compare=False, hash=False)
     _suffix: tuple[int, ...] = field(init=False, repr=False, compare=False, hash=False)
+    _min_extra: int = field(init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         items = tuple(self.items)
@@ -162,7 +165,8 @@ class AllocationProblem:
             if int(a) < 0:
                 raise ProblemError(f"block_costs must be >= 0 bytes, got {a!r} in {tuple(self.block_costs)!r}")
             blocks.append(int(a))
-        object.__setattr__(self, "block_costs", tuple(blocks))
+        if not (isinstance(self.block_costs, tuple) and all(type(a) is int for a in self.block_costs)):
+            object.__setattr__(self, "block_costs", tuple(blocks))  # else keep the object: batching keys on id()
         for attr in ("static_bytes", "head_bytes", "budget"):
             v = getattr(self, attr)
             if isinstance(v, bool) or not isinstance(v, numbers.Integral):
@@ -186,6 +190,7 @@ class AllocationProblem:
         for j in range(len(blocks) - 1, -1, -1):
             suffix[j] = suffix[j + 1] + blocks[j]
         object.__setattr__(self, "_suffix", tuple(suffix))
+        object.__setattr__(self, "_min_extra", min((min(it.costs) + suffix[it.block] for it in items), default=0))
 
     # --- structure -------------------------------------------------------------------------------
     @property
@@ -213,36 +218,44 @@ class AllocationProblem:
             raise ProblemError(f"block {lowest_block!r} is out of range for {self.num_blocks} blocks")
         return self._suffix[lowest_block]
 
-    def _trained(self, selection: Mapping[str, int]) -> list[tuple[Item, int]]:
+    def evaluate(self, selection: Mapping[str, int]) -> tuple[int, float, int | None]:
+        """``(cost, value, lowest_block)`` of a plan in one pass (see `cost`, `value`, `lowest_block`)."""
         if not isinstance(selection, Mapping):
             raise ProblemError(f"a selection maps module name -> rank, got {selection!r}")
-        out = []
+        add, value, lmin = 0, 0.0, None
+        items, index = self.items, self._index
         for name, rank in selection.items():
-            it = self.item(name)
-            if not _is_int(rank) or rank < 0:
-                raise ProblemError(f"module {name!r}: rank must be an int >= 0, got {rank!r}")
-            if rank:
-                it.option(rank)  # validates
-                out.append((it, rank))
-        return out
+            k = index.get(name)
+            if k is None:
+                self.item(name)  # raises with the message
+            if rank == 0 and not isinstance(rank, bool):
+                continue
+            it = items[k]
+            o = it._rank_index.get(rank) if isinstance(rank, int) and not isinstance(rank, bool) else None
+            if o is None:
+                if not _is_int(rank) or rank < 0:
+                    raise ProblemError(f"module {name!r}: rank must be an int >= 0, got {rank!r}")
+                it.option(rank)  # raises: not one of the options
+            add += it.costs[o]
+            value += it.values[o]
+            if lmin is None or it.block < lmin:
+                lmin = it.block
+        return self.fixed_bytes + add + self.activation_bytes(lmin), value, lmin
 
     def lowest_block(self, selection: Mapping[str, int]) -> int | None:
         """Lowest block with a trained module (rank > 0) in ``selection``; None when nothing trains."""
-        blocks = [it.block for it, _ in self._trained(selection)]
-        return min(blocks) if blocks else None
+        return self.evaluate(selection)[2]
 
     def cost(self, selection: Mapping[str, int]) -> int:
         """Exact peak bytes of a plan (module name -> rank; rank 0 or absent = not trained).
 
         Empty selection = ``static_bytes + head_bytes``.
         """
-        trained = self._trained(selection)
-        lmin = min((it.block for it, _ in trained), default=None)
-        return self.fixed_bytes + sum(it.cost_of(r) for it, r in trained) + self.activation_bytes(lmin)
+        return self.evaluate(selection)[0]
 
     def value(self, selection: Mapping[str, int]) -> float:
         """Total value of a plan."""
-        return float(sum(it.value_of(r) for it, r in self._trained(selection)))
+        return self.evaluate(selection)[1]
 
     def is_feasible(self, selection: Mapping[str, int]) -> bool:
         """True when the plan's exact peak bytes fit the budget."""
@@ -254,9 +267,7 @@ class AllocationProblem:
         With no items, nothing can be trained: returns ``fixed_bytes`` (and every budget >= that is
         "feasible" with an empty plan).
         """
-        if not self.items:
-            return self.fixed_bytes
-        return self.fixed_bytes + min(min(it.costs) + self._suffix[it.block] for it in self.items)
+        return self.fixed_bytes + self._min_extra
 
     def max_train_bytes(self) -> int:
         """Peak bytes of training every module at its largest rank."""

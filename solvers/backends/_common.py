@@ -40,21 +40,26 @@ def item_arrays(problem: AllocationProblem) -> ItemArrays:
     return ItemArrays(costs, values, valid, blocks, suffix)
 
 
-def group_problems(problems: Sequence[AllocationProblem], extra=None) -> dict[tuple, list[int]]:
-    """Indices of problems sharing items and block costs (and ``extra(problem)``), in input order."""
-    groups: dict[tuple, list[int]] = {}
-    cache: dict[int, tuple] = {}
+def group_problems(problems: Sequence[AllocationProblem], extra=None) -> list[tuple[tuple, list[int]]]:
+    """``(key, indices)`` of problems sharing items and block costs (and ``extra(problem)``), in input order."""
+    keys: list[tuple] = []
+    members: list[list[int]] = []
+    by_id: dict[tuple, int] = {}
     for k, p in enumerate(problems):
-        # Clients built from one model usually share the very same tuple objects: key on identity first so
-        # hashing 224 items happens once, then fall back to value equality through the dict.
-        ident = (id(p.items), id(p.block_costs))
-        base = cache.get(ident)
-        if base is None:
-            base = (p.items, p.block_costs)
-            cache[ident] = base
-        key = base if extra is None else (*base, extra(p))
-        groups.setdefault(key, []).append(k)
-    return groups
+        # Clients built from one model share the very same tuple objects (`with_budget` keeps them): key on
+        # identity so a 224-item tuple is compared once per distinct object, never hashed per client.
+        ident = (id(p.items), id(p.block_costs), p.quantum)
+        g = by_id.get(ident)
+        if g is None:
+            key = (p.items, p.block_costs) if extra is None else (p.items, p.block_costs, extra(p))
+            g = next((j for j, existing in enumerate(keys) if existing == key), None)
+            if g is None:
+                keys.append(key)
+                members.append([])
+                g = len(keys) - 1
+            by_id[ident] = g
+        members[g].append(k)
+    return list(zip(keys, members, strict=True))
 
 
 def best_single(arrs: ItemArrays, capacity: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -17,7 +17,8 @@ Optimality certificate: a second table with costs rounded *down* is a relaxation
 satisfies sum floor(c/q) <= floor(cap/q)); its optimum bounds the true optimum from above. The relaxation's own
 optimal plan is back-tracked too: when it fits under the exact costs it *is* optimal and is returned. When the
 returned plan reaches the bound it is ``optimal``, else ``feasible`` (the message gives the gap).
-With ``quantum == 1`` (small problems) the DP is exact.
+When every cost is a multiple of the quantum (the automatic quantum picks the costs' gcd when that grid is small
+enough) no rounding happens and the DP is exact.
 """
 
 from __future__ import annotations
@@ -32,27 +33,70 @@ from solvers.backends._common import best_single, group_problems, item_arrays
 from solvers.errors import SolverError
 from solvers.problem import AllocationProblem, Plan, PlanStatus
 
+#: csrc/knapsack.cpp's ABI_VERSION this module calls; a stale build (older signature) is ignored, not crashed on.
+NATIVE_ABI = 2
+
 try:  # built from csrc/knapsack.cpp by setup.py; optional
     from solvers import _knapsack  # type: ignore[attr-defined]
+
+    if getattr(_knapsack, "ABI_VERSION", None) != NATIVE_ABI:  # pragma: no cover - depends on the build
+        _knapsack = None
 except ImportError:  # pragma: no cover - depends on the build
     _knapsack = None
 
-#: Grid size used by the automatic quantum. 2**16 cells: for a Llama-7B-like problem (224 modules of ~18 MB
-#: at r=16, sum ~4 GB) the quantum is ~60 KB, i.e. <0.4% of one module, and the table costs 224 x 65536
-#: x 1 byte of choices (15 MB) and ~15 ms native.
+#: Grid size of the coarse automatic quantum. 2**16 cells: for a Llama-7B-like problem (224 modules of ~18-48 MB,
+#: sum ~5 GB) the quantum would be ~80 KB, <0.5% of one module; table cost 224 x 65536 one-byte choices (15 MB).
 DEFAULT_CELLS = 1 << 16
+#: An exact grid (quantum = gcd of all costs) is used when it needs at most this many cells and its choice table
+#: (items x cells bytes) stays under EXACT_MAX_TABLE_BYTES. Costs from a memory model are usually multiples of a
+#: few KiB (Llama-7B, batch 4 x 512, bf16: gcd 8 KiB, 630 k cells, 141 MB, ~0.5 s native).
+EXACT_MAX_CELLS = 1 << 20
+EXACT_MAX_TABLE_BYTES = 192 * 2**20
 
 
 def auto_quantum(problem: AllocationProblem, cells: int = DEFAULT_CELLS) -> int:
-    """Grid step in bytes when ``problem.quantum`` is None: the sum of every module's largest cost over
-    ``cells``, so the table spans every plan. It depends only on the items, not the budget, so clients of one
-    model share a table; small problems (total < ``cells`` bytes) get ``quantum == 1``, i.e. an exact DP."""
+    """Grid step in bytes when ``problem.quantum`` is None.
+
+    The gcd of every option's cost when that grid is small enough (then rounding is a no-op and the DP is exact),
+    else the sum of every module's largest cost over ``cells``. Either way it depends only on the items, not the
+    budget, so clients of one model share one table.
+    """
     total = sum(max(it.costs) for it in problem.items)
+    g = 0
+    for it in problem.items:
+        for c in it.costs:
+            g = math.gcd(g, c)
+    if g > 0:
+        exact_cells = total // g + 1
+        if exact_cells <= EXACT_MAX_CELLS and exact_cells * len(problem.items) <= EXACT_MAX_TABLE_BYTES:
+            return g
     return max(1, math.ceil(total / cells))
 
 
-def resolved_quantum(problem: AllocationProblem) -> int:
-    return problem.quantum if problem.quantum is not None else auto_quantum(problem)
+#: Conservative DP throughput (cell x option updates per second) on a busy 2-core x86 box: measured ~2.8e8
+#: native and ~1.1e8 numpy on the Llama-7B bench (282 M updates), halved-and-more for safety.
+_RATE = {"native": 1e8, "numpy": 4e7}
+
+
+def resolved_quantum(problem: AllocationProblem, time_limit: float | None = None, impl: str = "native") -> int:
+    """The problem's quantum, or the automatic one coarsened so the DP's estimated time fits ``time_limit``.
+
+    An explicit ``problem.quantum`` is always kept. Under a time limit the automatic grid is coarsened (never
+    below `DEFAULT_CELLS` cells) so that two tables (rounded up, rounded down) take at most half the limit by the
+    conservative `_RATE` estimate; the plan's status then says whether the rounding cost optimality.
+    """
+    if problem.quantum is not None:
+        return problem.quantum
+    q = auto_quantum(problem)
+    if time_limit is None or not problem.items:
+        return q
+    total = sum(max(it.costs) for it in problem.items)
+    opts = sum(len(it.ranks) for it in problem.items)
+    affordable = time_limit / 2 * _RATE.get(impl, _RATE["numpy"]) / (2 * opts)  # cells we can afford
+    cells = max(float(DEFAULT_CELLS), affordable)
+    if total / q > cells:
+        q = max(q, math.ceil(total / cells))
+    return q
 
 
 def is_available(impl: str = "auto") -> bool:
@@ -60,22 +104,25 @@ def is_available(impl: str = "auto") -> bool:
 
 
 def unavailable_reason(impl: str = "auto") -> str:
-    return "native extension solvers._knapsack is not built (run `python setup.py build_ext --inplace`)"
+    return (
+        f"native extension solvers._knapsack (ABI {NATIVE_ABI}) is not built or is stale "
+        "(run `python setup.py build_ext --inplace`)"
+    )
 
 
-def _tables_numpy(w: np.ndarray, v: np.ndarray, cells: int, snap_at: np.ndarray, want_choice: bool):
+def _tables_numpy(w: np.ndarray, v: np.ndarray, cells: int, snap_at: np.ndarray, query: np.ndarray, want_choice):
     """Reference implementation of csrc/knapsack.cpp `mck` (same tie-breaking: first strictly better option)."""
     n, k = w.shape
-    snaps = np.empty((len(snap_at), cells), dtype=np.float64)
+    out = np.empty(query.shape, dtype=np.float64)
     choice = np.zeros((n, cells), dtype=np.int8) if want_choice else None
     f = np.zeros(cells, dtype=np.float64)
     s = 0
     while s < len(snap_at) and snap_at[s] == 0:
-        snaps[s] = f
+        out[s] = f[query[s]]
         s += 1
     for i in range(n):
         best = f.copy()
-        pick = np.zeros(cells, dtype=np.int8)
+        pick = np.zeros(cells, dtype=np.int8) if want_choice else None
         for o in range(k):
             wo = int(w[i, o])
             if wo >= cells:
@@ -83,19 +130,21 @@ def _tables_numpy(w: np.ndarray, v: np.ndarray, cells: int, snap_at: np.ndarray,
             cand = f[: cells - wo] + v[i, o]
             better = cand > best[wo:]
             best[wo:][better] = cand[better]
-            pick[wo:][better] = o + 1
+            if pick is not None:
+                pick[wo:][better] = o + 1
         f = best
         if choice is not None:
             choice[i] = pick
         while s < len(snap_at) and snap_at[s] == i + 1:
-            snaps[s] = f
+            out[s] = f[query[s]]
             s += 1
-    return snaps, choice
+    return out, choice
 
 
-def _tables_native(w: np.ndarray, v: np.ndarray, cells: int, snap_at: np.ndarray, want_choice: bool):
+def _tables_native(w: np.ndarray, v: np.ndarray, cells: int, snap_at: np.ndarray, query: np.ndarray, want_choice):
     n, k = w.shape
-    snaps = np.empty((len(snap_at), cells), dtype=np.float64)
+    query = np.ascontiguousarray(query, dtype=np.int64)
+    out = np.empty(query.shape, dtype=np.float64)
     choice = np.empty((n, cells), dtype=np.int8) if want_choice else None
     _knapsack.mck(
         np.ascontiguousarray(w, dtype=np.int64),
@@ -104,19 +153,25 @@ def _tables_native(w: np.ndarray, v: np.ndarray, cells: int, snap_at: np.ndarray
         k,
         cells,
         np.ascontiguousarray(snap_at, dtype=np.int64),
-        snaps,
+        query,
+        out,
         choice,
     )
-    return snaps, choice
+    return out, choice
 
 
-def dp_tables(w, v, cells, snap_at, want_choice=True, impl="auto"):
-    """Multiple-choice knapsack tables (see csrc/knapsack.cpp); ``impl`` in {"auto", "native", "numpy"}."""
+def dp_tables(w, v, cells, snap_at, query, want_choice=True, impl="auto"):
+    """Multiple-choice knapsack DP (see csrc/knapsack.cpp); ``impl`` in {"auto", "native", "numpy"}.
+
+    Returns ``out[s, j]`` = best value over the first ``snap_at[s]`` items with rounded weight <= ``query[s, j]``,
+    and the ``(n_items, cells)`` int8 choice table (0 = not taken, o+1 = option o) when ``want_choice``.
+    """
+    query = np.asarray(query, dtype=np.int64).reshape(len(snap_at), -1)
     if impl == "numpy" or (impl == "auto" and _knapsack is None):
-        return _tables_numpy(w, v, cells, snap_at, want_choice)
+        return _tables_numpy(w, v, cells, snap_at, query, want_choice)
     if _knapsack is None:
         raise SolverError("dp-native", unavailable_reason())
-    return _tables_native(w, v, cells, snap_at, want_choice)
+    return _tables_native(w, v, cells, snap_at, query, want_choice)
 
 
 def _solve_group(problems: Sequence[AllocationProblem], q: int, impl: str, name: str) -> list[Plan]:
@@ -137,23 +192,21 @@ def _solve_group(problems: Sequence[AllocationProblem], q: int, impl: str, name:
     big = cells  # weight that disables a padding option
     w_up = np.where(arrs.valid, up, big)[order]
     v_sorted = np.where(arrs.valid, arrs.values, 0.0)[order]
-    snaps, choice = dp_tables(w_up, v_sorted, cells, snap_at, True, impl)
-    exact_grid = bool(np.all(arrs.costs[arrs.valid] % q == 0))
-    if not exact_grid:
-        w_down = np.where(arrs.valid, arrs.costs // q, big)[order]
-        bound_snaps, bound_choice = dp_tables(w_down, v_sorted, cells, snap_at, True, impl)
-    else:
-        w_down, bound_snaps, bound_choice = w_up, snaps, choice
-
     m = len(problems)
     rows = np.arange(m)
     free = np.array([p.budget - p.fixed_bytes for p in problems], dtype=np.int64)  # (m,)
     caps = free[:, None] - arrs.suffix[cand_blocks][None, :]  # (m, S) exact capacity for the additive part
     ok = caps >= 0
     idx = np.clip(np.where(ok, caps // q, 0), 0, cells - 1)
-    cols = np.arange(len(cand_blocks))[None, :]
-    vals = np.where(ok, snaps[cols, idx], -np.inf)
-    bounds = np.where(ok, bound_snaps[cols, idx], -np.inf)
+    table, choice = dp_tables(w_up, v_sorted, cells, snap_at, idx.T, True, impl)
+    exact_grid = bool(np.all(arrs.costs[arrs.valid] % q == 0))
+    if not exact_grid:
+        w_down = np.where(arrs.valid, arrs.costs // q, big)[order]
+        bound_table, bound_choice = dp_tables(w_down, v_sorted, cells, snap_at, idx.T, True, impl)
+    else:
+        w_down, bound_table, bound_choice = w_up, table, choice
+    vals = np.where(ok, table.T, -np.inf)
+    bounds = np.where(ok, bound_table.T, -np.inf)
     best_s = np.argmax(vals, axis=1)  # first max = highest lowest-block among ties = least activation memory
     bound_s = np.argmax(bounds, axis=1)
     upper = bounds[rows, bound_s]
@@ -242,14 +295,14 @@ def solve_batch(
 ) -> list[Plan]:
     """Solve problems, sharing one DP table per group of problems with the same items/blocks/quantum.
 
-    ``time_limit`` is not needed: the work is bounded by ``items x options x cells`` (about 30 M cell updates
-    for 224 modules x 2 ranks at the default grid), well under a second natively.
+    The work is ``items x options x cells`` (at most ~300 M cell updates with the automatic grid, about a second
+    natively); with ``time_limit`` the automatic grid is coarsened to fit it (see `resolved_quantum`).
     """
     if impl == "auto":
         impl = "native" if _knapsack is not None else "numpy"
     label = name if name != "dp" else f"dp-{impl}"
     out: list[Plan | None] = [None] * len(problems)
-    for key, members in group_problems(problems, extra=resolved_quantum).items():
+    for key, members in group_problems(problems, extra=lambda p: resolved_quantum(p, time_limit, impl)):
         q = key[-1]
         for k, plan in zip(members, _solve_group([problems[i] for i in members], q, impl, label), strict=True):
             out[k] = plan

@@ -132,7 +132,7 @@ def solve_batch(
 ) -> list[Plan]:
     """Greedy plans for every problem (clients sharing a model are filled together)."""
     out: list[Plan | None] = [None] * len(problems)
-    for members in group_problems(problems).values():
+    for _, members in group_problems(problems):
         for idx, plan in zip(members, _solve_group([problems[i] for i in members], name), strict=True):
             out[idx] = plan
     return [p for p in out if p is not None]

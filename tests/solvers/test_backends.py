@@ -154,3 +154,20 @@ def test_time_limit_respected(backend):
     assert wall < limit + 3.0, f"{backend} took {wall:.2f}s with time_limit={limit}"
     assert plan.status in (PlanStatus.OPTIMAL, PlanStatus.FEASIBLE, PlanStatus.TIMEOUT)
     _check_plan(p, plan)
+
+
+@pytest.mark.parametrize("kind", ["incumbent", "none"])
+def test_ilp_timeout_maps_to_timeout_status(monkeypatch, kind):
+    """A solver stopped by its limit: status timeout, with the incumbent when it had one (else empty)."""
+    import numpy as np
+
+    from solvers.backends import ilp
+
+    p = _small()
+    # incumbent: train module c at rank 8 (option index 4 in the flattened (a4, a8, b8, c4, c8) list)
+    xval = np.array([0, 0, 0, 0, 1.0])
+    monkeypatch.setattr(ilp, "_solve_pulp", lambda *a, **k: (kind, xval if kind == "incumbent" else None))
+    plan = solve(p, "pulp-highs", time_limit=1.0)
+    assert plan.status is PlanStatus.TIMEOUT
+    assert plan.modules == ({"c": 8} if kind == "incumbent" else {})
+    assert plan.predicted_bytes <= p.budget and "time limit" in plan.message

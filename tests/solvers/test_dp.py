@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from solvers import PlanStatus, solve, solve_many
+from solvers import AllocationProblem, Item, PlanStatus, solve, solve_many
 from solvers.backends import dp
 from tests.solvers._instances import llama_like
 
@@ -19,23 +19,41 @@ def test_native_tables_equal_numpy(want_choice):
     w[rng.random((n, k)) < 0.2] = cells  # disabled (padding) options
     v = rng.uniform(0, 5, size=(n, k))
     snap_at = np.array([0, 5, 17, 17, 40], dtype=np.int64)
-    s1, c1 = dp.dp_tables(w, v, cells, snap_at, want_choice, impl="native")
-    s2, c2 = dp.dp_tables(w, v, cells, snap_at, want_choice, impl="numpy")
+    query = np.tile(np.arange(cells), (len(snap_at), 1))  # read every cell of every snapshot
+    s1, c1 = dp.dp_tables(w, v, cells, snap_at, query, want_choice, impl="native")
+    s2, c2 = dp.dp_tables(w, v, cells, snap_at, query, want_choice, impl="numpy")
     np.testing.assert_array_equal(s1, s2)
     if want_choice:
         np.testing.assert_array_equal(c1, c2)
     assert np.all(np.diff(s1, axis=1) >= 0)  # "at most c" tables are non-decreasing in capacity
     assert np.all(np.diff(s1, axis=0) >= 0)  # more items never hurt
+    some = rng.integers(0, cells, size=(len(snap_at), 7))
+    s3, _ = dp.dp_tables(w, v, cells, snap_at, some, False, impl="native")
+    np.testing.assert_array_equal(s3, np.take_along_axis(s1, some, axis=1))
 
 
 @native
 def test_native_rejects_bad_buffers():
     w = np.zeros((2, 2), dtype=np.int64)
     v = np.zeros((2, 2))
-    with pytest.raises(ValueError, match="snaps"):
-        dp._knapsack.mck(w, v, 2, 2, 10, np.array([2], dtype=np.int64), np.zeros(3), None)
+    snap = np.array([2], dtype=np.int64)
+    with pytest.raises(ValueError, match="out"):
+        dp._knapsack.mck(w, v, 2, 2, 10, snap, np.zeros((1, 3), np.int64), np.zeros(2), None)
     with pytest.raises(ValueError, match="snap_at"):
-        dp._knapsack.mck(w, v, 2, 2, 10, np.array([5], dtype=np.int64), np.zeros(10), None)
+        dp._knapsack.mck(w, v, 2, 2, 10, np.array([5], np.int64), np.zeros((1, 1), np.int64), np.zeros(1), None)
+    with pytest.raises(ValueError, match="query cell 10"):
+        dp._knapsack.mck(w, v, 2, 2, 10, snap, np.full((1, 1), 10, np.int64), np.zeros(1), None)
+
+
+def test_auto_quantum_exact_grid_when_costs_share_a_divisor():
+    base = llama_like(num_blocks=4)
+    q = dp.auto_quantum(base)
+    assert q > 1 and all(c % q == 0 for it in base.items for c in it.costs)
+    odd = AllocationProblem(
+        tuple(Item(f"m{i}", 0, (8,), (10**9 + 2 * i + 1,), (1.0,)) for i in range(4)), (0,), 0, 0, 10**10
+    )
+    # gcd 1 would need 4e9 cells: fall back to the coarse grid of 2**16 cells
+    assert dp.auto_quantum(odd) == -(-sum(it.costs[0] for it in odd.items) // dp.DEFAULT_CELLS)
 
 
 def _clients(n, seed=0):
@@ -67,7 +85,7 @@ def test_native_and_numpy_plans_identical_llama():
 
 
 def test_llama_dp_vs_ilp_and_greedy():
-    """Realistic magnitudes (GiB budgets, ~60 KB grid): DP within its certificate of HiGHS' optimum."""
+    """Realistic magnitudes (GiB budgets): DP equals HiGHS' optimum (exact gcd grid here) and is certified."""
     probs = _clients(4, seed=4)
     for p in probs:
         exact = solve(p, "dp")
@@ -79,7 +97,32 @@ def test_llama_dp_vs_ilp_and_greedy():
         assert exact.predicted_bytes <= p.budget and greedy.predicted_bytes <= p.budget
         assert greedy.objective <= ilp.objective + 1e-9
         assert exact.objective <= ilp.objective + 1e-9
-        # grid rounding loses at most a sliver: 1% of the optimum here
-        assert exact.objective >= 0.99 * ilp.objective
-        if exact.status is PlanStatus.OPTIMAL:
-            assert exact.objective == pytest.approx(ilp.objective, rel=1e-9)
+        assert exact.status is PlanStatus.OPTIMAL
+        assert exact.objective == pytest.approx(ilp.objective, rel=1e-9)
+        coarse = solve(
+            AllocationProblem(p.items, p.block_costs, p.static_bytes, p.head_bytes, p.budget, quantum=78_001)
+        )
+        assert coarse.predicted_bytes <= p.budget and coarse.objective <= ilp.objective + 1e-9
+        assert coarse.objective >= 0.99 * ilp.objective  # grid rounding loses a sliver at most
+
+
+def test_solve_many_mixed_models_keeps_order():
+    a = _clients(5, seed=5)
+    b = [p.with_budget(p.budget // 2 + p.fixed_bytes // 2) for p in _clients(5, seed=6)]  # other values/costs
+    mixed = [x for pair in zip(a, b, strict=True) for x in pair]
+    plans = solve_many(mixed, "dp")
+    for p, plan in zip(mixed, plans, strict=True):
+        assert plan.modules == solve(p, "dp").modules
+        assert plan.budget == p.budget
+
+
+def test_time_limit_coarsens_only_the_automatic_grid():
+    base = llama_like(num_blocks=16, seed=3)
+    p = base.with_budget(base.fixed_bytes + (base.max_train_bytes() - base.fixed_bytes) // 3)
+    exact_q = dp.resolved_quantum(p)
+    assert dp.resolved_quantum(p, time_limit=1e-3, impl="numpy") > exact_q
+    assert dp.resolved_quantum(p, time_limit=1e6, impl="native") == exact_q
+    fixed = AllocationProblem(p.items, p.block_costs, p.static_bytes, p.head_bytes, p.budget, quantum=4096)
+    assert dp.resolved_quantum(fixed, time_limit=1e-3) == 4096  # an explicit grid is the user's call
+    fast = solve(p, "dp", time_limit=0.05)
+    assert fast.predicted_bytes <= p.budget and fast.objective <= solve(p, "dp").objective + 1e-9
