@@ -133,9 +133,8 @@ def measure(
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
     grads = [p.grad for p in params]
-    train = list(trainable)
+    train = list({id(p): p for p in trainable}.values())  # de-duplicated, order kept
     train_ids = {id(p) for p in train}
-    train = [p for i, p in enumerate(train) if id(p) not in {id(q) for q in train[:i]}]
     param_ptrs = {p.untyped_storage().data_ptr() for p in params}
     saved: dict[int, int] = {}
 

@@ -257,3 +257,24 @@ def test_padded_batches(kind):
         for mm in (analytic, calibrated):
             assert abs(mm.predict(plan) - meas.total) <= 0.10 * meas.total
             assert abs(mm.predict(plan) - mm.static_bytes - dynamic) <= 0.10 * dynamic
+
+
+def test_causal_lm_analytic():
+    """Causal-LM task: frozen tied LM head; the float32 log-softmax over the vocabulary appears once trained."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=128, pad_token_id=0)
+    model = LlamaForCausalLM(cfg).eval()
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=R, target_modules=["q_proj", "v_proj"]))
+    ids = torch.randint(1, 300, (B, S))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    lora = find_lora_params(pm)
+    mm = MemoryModel.from_config(cfg, batch_size=B, seq_len=S, rank=R, targets=["q_proj", "v_proj"],
+                                 task="causal-lm")
+    names = list(lora)
+    for plan in ([names[-1]], [names[0]], names):
+        meas = measure(pm, batch, [p for n in plan for p in lora[n]])
+        dynamic = meas.total - meas.param_bytes
+        assert abs(mm.predict(plan) - mm.static_bytes - dynamic) <= 0.10 * dynamic
