@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -448,6 +448,33 @@ class MemoryModel:
         return AllocationProblem(items=tuple(items), block_costs=tuple(int(a) for a in self.block_costs),
                                  static_bytes=int(self.static_bytes), head_bytes=int(self.head_bytes),
                                  budget=int(budget), client=client, **kwargs)
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict (e.g. to save a model calibrated on a GPU box and plan elsewhere)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "_index"}
+        out["modules"] = [asdict(m) for m in self.modules]
+        out["block_costs"] = list(self.block_costs)
+        for k in ("param_train_bytes", "rank_act_bytes", "input_bytes", "entry_discount"):
+            out[k] = dict(out[k])
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> MemoryModel:
+        """Inverse of `to_dict`; ProblemError naming a missing or unknown key."""
+        known = {f.name for f in fields(cls) if f.name != "_index"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ProblemError(f"MemoryModel.from_dict: unknown keys {unknown}")
+        try:
+            mods = tuple(ModuleSpec(**m) for m in data["modules"])
+            kw = {k: data[k] for k in known if k in data}
+            kw.update(modules=mods, block_costs=tuple(int(a) for a in data["block_costs"]))
+            return cls(**kw)
+        except KeyError as exc:
+            raise ProblemError(f"MemoryModel.from_dict: missing key {exc.args[0]!r}") from None
+        except TypeError as exc:
+            raise ProblemError(f"MemoryModel.from_dict: {exc}") from None
 
     # ------------------------------------------------------------------ constructors
     @classmethod

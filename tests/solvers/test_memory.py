@@ -278,3 +278,17 @@ def test_causal_lm_analytic():
         meas = measure(pm, batch, [p for n in plan for p in lora[n]])
         dynamic = meas.total - meas.param_bytes
         assert abs(mm.predict(plan) - mm.static_bytes - dynamic) <= 0.10 * dynamic
+
+
+def test_dict_round_trip():
+    import json
+
+    mm = MemoryModel.from_config("gpt2", batch_size=2, seq_len=64, rank=4, targets=["c_attn", "c_fc"], padded=True)
+    back = MemoryModel.from_dict(json.loads(json.dumps(mm.to_dict())))
+    assert back == mm
+    rng = random.Random(2)
+    for _ in range(10):
+        plan = {n: rng.choice([1, 2, 4]) for n in rng.sample(mm.module_names, 5)}
+        assert back.predict(plan) == mm.predict(plan)
+    with pytest.raises(ProblemError, match="bogus"):
+        MemoryModel.from_dict({**mm.to_dict(), "bogus": 1})
