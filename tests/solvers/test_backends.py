@@ -171,3 +171,13 @@ def test_ilp_timeout_maps_to_timeout_status(monkeypatch, kind):
     assert plan.status is PlanStatus.TIMEOUT
     assert plan.modules == ({"c": 8} if kind == "incumbent" else {})
     assert plan.predicted_bytes <= p.budget and "time limit" in plan.message
+
+
+def test_greedy_repairs_fragmentation_by_downgrading():
+    """Ratio order takes X at rank 16 (60 B) and leaves 40 B, too little for Y (45 B); the exchange pass drops X to
+    rank 8 (frees 10 B, loses 1.5) to fit Y (+4.4): 9.4, the optimum (X8 + Y = 95 B <= 100 B)."""
+    items = (Item("X", 0, (8, 16), (50, 60), (5.0, 6.5)), Item("Y", 0, (8,), (45,), (4.4,)))
+    p = AllocationProblem(items, (0,), 0, 0, 100)
+    plan = solve(p, "greedy")
+    assert plan.modules == {"X": 8, "Y": 8}
+    assert plan.objective == pytest.approx(9.4) == solve(p, "dp").objective
