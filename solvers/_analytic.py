@@ -15,6 +15,8 @@ is the lowest trained module, the segments before it are not kept (algorithms.md
 * Llama: input RMSNorm (float32 input T h 4, rsqrt T 4); attention core (q Th e, k and v T h_kv e each,
   out Th e, lse) <- q/k/v_proj; post-attention RMSNorm <- o_proj; SwiGLU (gate, silu(gate), up: 3Tf e)
   <- gate/up_proj; nothing <- down_proj. Tail: final RMSNorm + RoPE cos and sin (2 s d_head e).
+* Padded batches (``padded=True``): each block also saves the ``[b, 1, s, s]`` SDPA mask, and Llama's
+  keys/values are expanded to all heads (``repeat_kv``) before the masked call.
 * Sequence-classification heads of GPT-2/Llama run ``score`` on every position: its input (T h e) is saved.
 """
 
@@ -132,7 +134,7 @@ def _meta_model(cfg, task: str) -> nn.Module:
 
 
 def build(cls, config: Any, *, batch_size: int, seq_len: int, rank: int, targets: Sequence[str] | None,
-          task: str, dtype: str, optimizer: str, num_labels: int, rank_scaling: bool):
+          task: str, dtype: str, optimizer: str, num_labels: int, rank_scaling: bool, padded: bool = False):
     from solvers.memory import ModuleSpec, _dtype, _kind, _opt_states
 
     if int(batch_size) < 1 or int(seq_len) < 1:
@@ -154,17 +156,20 @@ def build(cls, config: Any, *, batch_size: int, seq_len: int, rank: int, targets
     head_dim = int(getattr(cfg, "head_dim", None) or h // heads)
     kv = int(getattr(cfg, "num_key_value_heads", None) or heads) * head_dim
     lse = T * heads * 4
+    mask = b * s * s * e if padded else 0  # explicit SDPA mask, saved again by every block
+    if padded and fam == "llama":
+        kv = h  # repeat_kv: keys and values expanded to all heads before the masked SDPA call
     if fam == "bert":
-        segments = [4 * T * h * e + lse, T * h * e + 2 * T * 4, T * f * e, T * h * e + 2 * T * 4]
+        segments = [4 * T * h * e + lse + mask, T * h * e + 2 * T * 4, T * f * e, T * h * e + 2 * T * 4]
         tail = 0
     elif fam == "gpt2":
         kv_copies = 2 * T * h * e if getattr(cfg, "use_cache", True) else 0
-        segments = [T * h * e + 2 * T * 4, 3 * T * h * e + kv_copies + T * h * e + lse, T * h * e + 2 * T * 4,
+        segments = [T * h * e + 2 * T * 4, 3 * T * h * e + kv_copies + T * h * e + lse + mask, T * h * e + 2 * T * 4,
                     4 * T * f * e, 0]
         tail = T * h * e + 2 * T * 4
     else:
         norm = T * h * 4 + T * 4
-        segments = [norm, T * h * e + 2 * T * kv * e + T * h * e + lse, norm, 3 * T * f * e, 0]
+        segments = [norm, T * h * e + 2 * T * kv * e + T * h * e + lse + mask, norm, 3 * T * f * e, 0]
         tail = norm + 2 * s * head_dim * e
 
     # modules

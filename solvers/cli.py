@@ -6,6 +6,7 @@ A config file (YAML, TOML or JSON) may hold every option; command-line options o
     model: bert-base          # preset, config.json, or a local model folder
     batch_size: 8
     seq_len: 128
+    padded: true              # batches carry padding (an explicit attention mask is then saved per block)
     rank: 8
     targets: [query, value]
     strategy: fedpilot
@@ -47,6 +48,7 @@ class PlanConfig:
     dtype: str = "float32"
     optimizer: str = "adamw"
     num_labels: int = 2
+    padded: bool = True
     strategy: str = "fedpilot"
     backend: str = "dp"
     time_limit: float | None = None
@@ -206,7 +208,7 @@ def plan_command(
 
         memory = MemoryModel.from_config(cfg.model, batch_size=cfg.batch_size, seq_len=cfg.seq_len, rank=cfg.rank,
                                          targets=cfg.targets, task=cfg.task, dtype=cfg.dtype,
-                                         optimizer=cfg.optimizer, num_labels=cfg.num_labels)
+                                         optimizer=cfg.optimizer, num_labels=cfg.num_labels, padded=cfg.padded)
         plans = plan_clients(cfg.strategy, memory, client_budgets, seed=cfg.seed, rank_choices=cfg.rank_choices,
                              backend=cfg.backend, time_limit=cfg.time_limit)
     except (SolversError, ValueError, OSError, TypeError) as exc:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -133,9 +133,8 @@ def measure(
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
     grads = [p.grad for p in params]
-    train = list(trainable)
+    train = list({id(p): p for p in trainable}.values())  # de-duplicated, order kept
     train_ids = {id(p) for p in train}
-    train = [p for i, p in enumerate(train) if id(p) not in {id(q) for q in train[:i]}]
     param_ptrs = {p.untyped_storage().data_ptr() for p in params}
     saved: dict[int, int] = {}
 
@@ -238,7 +237,10 @@ def _random_batch(model: nn.Module, batch_size: int, seq_len: int) -> dict[str, 
     dev = next(model.parameters()).device
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1, max(2, vocab), (batch_size, seq_len), generator=g)
-    return {"input_ids": ids.to(dev), "attention_mask": torch.ones_like(ids).to(dev),
+    mask = torch.ones_like(ids)
+    if seq_len > 1:  # real batches are padded: transformers then hands SDPA an explicit mask, saved per block
+        mask[0, -max(1, seq_len // 4):] = 0
+    return {"input_ids": ids.to(dev), "attention_mask": mask.to(dev),
             "labels": torch.randint(0, labels, (batch_size,), generator=g).to(dev)}
 
 
@@ -447,6 +449,33 @@ class MemoryModel:
                                  static_bytes=int(self.static_bytes), head_bytes=int(self.head_bytes),
                                  budget=int(budget), client=client, **kwargs)
 
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict (e.g. to save a model calibrated on a GPU box and plan elsewhere)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "_index"}
+        out["modules"] = [asdict(m) for m in self.modules]
+        out["block_costs"] = list(self.block_costs)
+        for k in ("param_train_bytes", "rank_act_bytes", "input_bytes", "entry_discount"):
+            out[k] = dict(out[k])
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> MemoryModel:
+        """Inverse of `to_dict`; ProblemError naming a missing or unknown key."""
+        known = {f.name for f in fields(cls) if f.name != "_index"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ProblemError(f"MemoryModel.from_dict: unknown keys {unknown}")
+        try:
+            mods = tuple(ModuleSpec(**m) for m in data["modules"])
+            kw = {k: data[k] for k in known if k in data}
+            kw.update(modules=mods, block_costs=tuple(int(a) for a in data["block_costs"]))
+            return cls(**kw)
+        except KeyError as exc:
+            raise ProblemError(f"MemoryModel.from_dict: missing key {exc.args[0]!r}") from None
+        except TypeError as exc:
+            raise ProblemError(f"MemoryModel.from_dict: {exc}") from None
+
     # ------------------------------------------------------------------ constructors
     @classmethod
     def from_config(
@@ -462,19 +491,22 @@ class MemoryModel:
         optimizer: str = "adamw",
         num_labels: int = 2,
         rank_scaling: bool = True,
+        padded: bool = False,
     ) -> MemoryModel:
         """Analytic model from a transformers config (object, dict, config.json path, folder or preset).
 
         No weights are loaded: the model is built on the ``meta`` device to count parameters and find the
         target modules. Activation terms are counted for PyTorch's CPU/GPU SDPA attention (saves q, k, v,
-        output and a float32 logsumexp; no s x s matrix), dropout off (``model.eval()``). See
-        `_architecture` for the per-block accounting of BERT-, GPT-2- and Llama-style blocks.
+        output and a float32 logsumexp; no s x s matrix), dropout off (``model.eval()``). ``padded``: batches
+        carry padding in their attention mask; transformers then passes SDPA an explicit ``[b, 1, s, s]`` mask
+        that every block saves, and Llama expands grouped keys/values to all heads. See `solvers._analytic`
+        for the per-block accounting of BERT-, GPT-2- and Llama-style blocks.
         """
         from solvers import _analytic
 
         return _analytic.build(cls, config, batch_size=batch_size, seq_len=seq_len, rank=rank, targets=targets,
                                task=task, dtype=dtype, optimizer=optimizer, num_labels=num_labels,
-                               rank_scaling=rank_scaling)
+                               rank_scaling=rank_scaling, padded=padded)
 
     @classmethod
     def from_model(

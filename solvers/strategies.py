@@ -236,7 +236,7 @@ def plan_clients(
         t0 = time.perf_counter()
         n = ctx.affordable_layers(b)
         if n == 0:
-            out[c] = _plan(ctx, ctx.partial_top(b), b, c, base, t0,
+            out[c] = _plan(ctx, ctx.partial_top(b), b, c, strategy, t0,
                            message="budget below one whole layer: part of the top layer")
             k += 1
             continue

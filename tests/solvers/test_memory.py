@@ -239,3 +239,56 @@ def test_presets_plan_without_weights():
     assert 12.5e9 < mm.static_bytes < 14e9  # 6.7 B parameters x 2 bytes
     assert mm.num_blocks == 32 and len(mm.modules) == 64
     assert mm.full_bytes() > mm.min_trainable_bytes() > mm.static_bytes
+
+
+@pytest.mark.parametrize("kind", ARCHS)
+def test_padded_batches(kind):
+    """Padding makes transformers pass SDPA an explicit mask (saved per block); padded=True models it."""
+    cfg, pm, targets, lora, head = _build(kind, layers=2)
+    batch = _batch()
+    batch["attention_mask"][:, -S // 3:] = 0
+    analytic = MemoryModel.from_config(cfg, batch_size=B, seq_len=S, rank=R, targets=targets, num_labels=3,
+                                       padded=True)
+    calibrated = MemoryModel.from_model(pm, batch, lora, always_trainable=head)
+    names = list(lora)
+    for plan in ([names[0]], names, [names[-1]]):
+        meas = measure(pm, batch, head + [p for n in plan for p in lora[n]])
+        dynamic = meas.total - meas.param_bytes
+        for mm in (analytic, calibrated):
+            assert abs(mm.predict(plan) - meas.total) <= 0.10 * meas.total
+            assert abs(mm.predict(plan) - mm.static_bytes - dynamic) <= 0.10 * dynamic
+
+
+def test_causal_lm_analytic():
+    """Causal-LM task: frozen tied LM head; the float32 log-softmax over the vocabulary appears once trained."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=128, pad_token_id=0)
+    model = LlamaForCausalLM(cfg).eval()
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=R, target_modules=["q_proj", "v_proj"]))
+    ids = torch.randint(1, 300, (B, S))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    lora = find_lora_params(pm)
+    mm = MemoryModel.from_config(cfg, batch_size=B, seq_len=S, rank=R, targets=["q_proj", "v_proj"],
+                                 task="causal-lm")
+    names = list(lora)
+    for plan in ([names[-1]], [names[0]], names):
+        meas = measure(pm, batch, [p for n in plan for p in lora[n]])
+        dynamic = meas.total - meas.param_bytes
+        assert abs(mm.predict(plan) - mm.static_bytes - dynamic) <= 0.10 * dynamic
+
+
+def test_dict_round_trip():
+    import json
+
+    mm = MemoryModel.from_config("gpt2", batch_size=2, seq_len=64, rank=4, targets=["c_attn", "c_fc"], padded=True)
+    back = MemoryModel.from_dict(json.loads(json.dumps(mm.to_dict())))
+    assert back == mm
+    rng = random.Random(2)
+    for _ in range(10):
+        plan = {n: rng.choice([1, 2, 4]) for n in rng.sample(mm.module_names, 5)}
+        assert back.predict(plan) == mm.predict(plan)
+    with pytest.raises(ProblemError, match="bogus"):
+        MemoryModel.from_dict({**mm.to_dict(), "bogus": 1})
