@@ -51,6 +51,7 @@ __all__ = [
     "compile_specs",
     "lora_linear_triton",
     "select_config",
+    "triton_dropout_keep_mask",
     "SMEM_LIMIT_BYTES",
 ]
 
@@ -228,6 +229,16 @@ def _lora_skinny_tn_kernel(
              mask=(offs_r < R)[:, None] & n_ok[None, :])
 
 
+@triton.jit
+def _keep_mask_kernel(OUT, T, N, p_drop, inv_keep, seed, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The keep-mask the LoRA kernels draw at (t, n): Philox ``tl.rand(seed, t * N + n) >= p``, scaled."""
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rnd = tl.rand(seed, offs_t[:, None].to(tl.int64) * N + offs_n[None, :])
+    keep = tl.where(rnd >= p_drop, inv_keep, 0.0)
+    tl.store(OUT + offs_t[:, None] * N + offs_n[None, :], keep, mask=(offs_t < T)[:, None] & (offs_n < N)[None, :])
+
+
 # ----------------------------------------------------------------------------------------------------- configs
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
@@ -388,6 +399,18 @@ def _skinny_tn(pmat, q, rank, r_act, p, seed, cfg):
         num_warps=cfg.small_warps, num_stages=cfg.small_stages,
     )
     return part[0] if splits == 1 else part.sum(0)  # fixed-order sum: deterministic
+
+
+def triton_dropout_keep_mask(shape: tuple[int, int], p: float, seed: int, device: torch.device | str) -> torch.Tensor:
+    """fp32 ``[T, in]`` keep-mask (0 or ``1/(1-p)``) that the Triton path applies for (p, seed).
+
+    The kernels regenerate it tile by tile and never store it; this materialises it for tests and debugging.
+    """
+    T, N = shape
+    out = torch.empty((T, N), dtype=torch.float32, device=device)
+    grid = (triton.cdiv(T, 16), triton.cdiv(N, 16))
+    _keep_mask_kernel[grid](out, T, N, float(p), 1.0 / (1.0 - p), int(seed), BLOCK_T=16, BLOCK_N=16)
+    return out
 
 
 class TritonLoRALinearFunction(torch.autograd.Function):
