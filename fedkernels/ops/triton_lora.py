@@ -537,11 +537,17 @@ def _spec(name, fn, types: dict[str, str], constexprs: dict[str, Any], aligned: 
 
 
 def compile_specs(arch: int = 90, dtype: torch.dtype = torch.bfloat16, rank: int = 16,
-                  dropout: bool = False) -> list[KernelSpec]:
-    """Every kernel launch of forward + backward with the `GPU_CONFIGS` row of ``arch`` (80, 86 or 90)."""
+                  dropout: bool = False, precision: str = "tf32") -> list[KernelSpec]:
+    """Every kernel launch of forward + backward with the `GPU_CONFIGS` row of ``arch`` (80, 86 or 90).
+
+    ``precision`` is the fp32 dot mode: "tf32" (tensor cores) or "ieee" (what fp32 inputs get when
+    ``torch.backends.cuda.matmul.allow_tf32`` is off, torch's default); ignored for 16-bit dtypes.
+    """
+    if precision not in ("tf32", "ieee"):
+        raise ValueError(f"precision must be 'tf32' or 'ieee', got {precision!r}")
     cfg = GPU_CONFIGS[(_arch_key((arch // 10, arch % 10)), 2 if dtype != torch.float32 else 4)]
     dt = _TRITON_DTYPE[dtype]
-    prec = "tf32"
+    prec = precision
     block_r = min(64, max(cfg.block_r, triton.next_power_of_2(rank)))
     p = {"p_drop": "fp32", "inv_keep": "fp32", "seed": "i64"}
     specs = []

@@ -49,6 +49,15 @@ def test_kernels_compile_fit_smem_and_use_tensor_cores(arch, dtype, dropout):
             assert "mul.hi.u64" in ptx or "mul.hi.u32" in ptx or "mad.hi" in ptx, f"{spec.name}: no Philox in PTX"
 
 
+@pytest.mark.parametrize("arch", [80, 90])
+def test_fp32_ieee_compiles_and_fits(arch):
+    # fp32 inputs without TF32 (torch's default) take the FMA path: no tensor cores, but it must compile and fit.
+    for spec in compile_specs(arch, torch.float32, precision="ieee"):
+        kernel = _compile(spec, arch)
+        assert 0 < kernel.metadata.shared <= SMEM_LIMIT_BYTES[arch], (spec.name, kernel.metadata.shared)
+        assert "fma.rn.f32" in kernel.asm["ptx"], f"{spec.name}: no fp32 FMA main loop"
+
+
 @pytest.mark.parametrize("rank", [1, 64])
 def test_rank_block_extremes_compile(rank):
     # R=1 pads the rank tile to 16 (tl.dot minimum); R=64 is the widest shrink rank tile.
