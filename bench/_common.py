@@ -41,9 +41,19 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_interleaved(fns: dict[str, Callable[[], Any]], *, device: torch.device, rounds: int = 15,
-                     warmup: int = 2) -> dict[str, float]:
-    """Median seconds per call of each candidate, measured round-robin in the same process.
+def cpu_threads() -> int:
+    """Threads for CPU benchmarks: 1 unless BENCH_THREADS says otherwise.
+
+    Our dev box has 2 cores shared with other jobs; with 2 intra-op threads a GEMM waits at every barrier
+    for the thread whose core is busy, and we measured the same base step at 55 ms and 184 ms minutes apart.
+    One thread keeps the ratios meaningful.
+    """
+    return int(os.environ.get("BENCH_THREADS", "1"))
+
+
+def sample_interleaved(fns: dict[str, Callable[[], Any]], *, device: torch.device, rounds: int = 15,
+                       warmup: int = 2) -> dict[str, list[float]]:
+    """Seconds of each call of each candidate, measured round-robin in the same process.
 
     Round-robin (base, ours, peft, base, ours, ...) spreads slow phases of a shared machine (our CPU box has
     2 cores shared with other jobs, +-30%) evenly over the candidates, so their ratios stay meaningful. On CUDA
@@ -60,7 +70,16 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], *, device: torch.device,
             fn()
             _sync(device)
             samples[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in samples.items()}
+    return samples
+
+
+def time_interleaved(fns: dict[str, Callable[[], Any]], *, device: torch.device, rounds: int = 15,
+                     warmup: int = 2, stat: str = "median") -> dict[str, float]:
+    """``stat`` ("median" or "min") seconds per call of each candidate, from `sample_interleaved`."""
+    if stat not in ("median", "min"):
+        raise ValueError(f"stat must be 'median' or 'min', got {stat!r}")
+    pick = statistics.median if stat == "median" else min
+    return {k: pick(v) for k, v in sample_interleaved(fns, device=device, rounds=rounds, warmup=warmup).items()}
 
 
 def cuda_median_ms(fn: Callable[[], Any]) -> float:
