@@ -74,3 +74,12 @@ def test_config_table_covers_every_arch_and_dtype():
             # The pipeline estimate of the fused GEMM must leave headroom under the per-block limit.
             est = cfg.gemm_stages * (cfg.gemm_m * cfg.gemm_k + cfg.gemm_k * cfg.gemm_n) * size
             assert est <= SMEM_LIMIT_BYTES[arch] * 0.8, (arch, size, est)
+
+
+def test_kernel_config_rejects_bad_blocks():
+    from fedkernels.ops.triton_lora import KernelConfig
+
+    with pytest.raises(ValueError, match="gemm_n must be a positive power of two, got 96"):
+        KernelConfig(128, 96, 64, 4, 3, shrink_t=32, shrink_k=64, skinny_t=64, skinny_n=64)
+    with pytest.raises(ValueError, match=">= 16"):
+        KernelConfig(128, 128, 8, 4, 3, shrink_t=32, shrink_k=64, skinny_t=64, skinny_n=64)
