@@ -5,6 +5,8 @@ Candidates (each one training step of one layer: forward, then gradients of x an
 - ours:   ``fedkernels.ops.lora_linear`` with a rank mask at r_max, backend "auto": the Triton kernels on CUDA,
           the torch path on CPU.
 - frozen: ours with the adapter frozen (dx only): should be ~base.
+- nomask: ours without a rank mask (masking should be free: ours/nomask <= 1.03 on GPU).
+- half_rank (GPU only): ours with a prefix mask of r/2 ones (rank loops stop at the active rank).
 - peft:   ``peft.tuners.lora.Linear`` (dropout 0 in the timing, as ours).
 Also the bytes autograd saves for backward with LoRA dropout 0.1 (ours regenerates its mask; peft keeps the
 dropped copy of x and the mask).
@@ -82,6 +84,17 @@ def _setup(T: int, d: int, r: int, dtype: torch.dtype):
         y = lora_linear(x, base.weight, base.bias, A, B, scale, mask)
         return torch.autograd.grad(y, [x, A, B], g)
 
+    def nomask_step():
+        y = lora_linear(x, base.weight, base.bias, A, B, scale, None)
+        return torch.autograd.grad(y, [x, A, B], g)
+
+    half = torch.zeros(r, device=DEVICE, dtype=dtype)
+    half[: max(1, r // 2)] = 1
+
+    def half_rank_step():  # active rank r/2 < r_max: rank loops stop at r/2
+        y = lora_linear(x, base.weight, base.bias, A, B, scale, half)
+        return torch.autograd.grad(y, [x, A, B], g)
+
     A_f, B_f = A.detach(), B.detach()
 
     def frozen_step():
@@ -92,7 +105,9 @@ def _setup(T: int, d: int, r: int, dtype: torch.dtype):
         y = peft(x)
         return torch.autograd.grad(y, [x, *peft_params], g)
 
-    steps = {"base": base_step, "ours": ours_step, "frozen": frozen_step, "peft": peft_step}
+    steps = {"base": base_step, "ours": ours_step, "nomask": nomask_step, "frozen": frozen_step, "peft": peft_step}
+    if DEVICE.type == "cuda":
+        steps["half_rank"] = half_rank_step
     return steps, (x, base, A, B, mask, scale)
 
 
@@ -146,6 +161,7 @@ def test_lora_linear_fwd_bwd(benchmark, T, d, r, dtype):
         "ratio_peft_over_ours_min": round(fastest["peft"] / fastest["ours"], 3) if fastest else None,
         "ratio_ours_over_base": round(times["ours"] / times["base"], 3),
         "ratio_frozen_over_base": round(times["frozen"] / times["base"], 3),
+        "ratio_mask_over_nomask": round(times["ours"] / times["nomask"], 3),
         "ratio_peft_over_ours": round(times["peft"] / times["ours"], 3),
         "saved_bytes_dropout0.1": {"ours": ours_bytes, "peft": peft_bytes},
         "cuda_peak_bytes_above_inputs": peak,
