@@ -43,7 +43,10 @@ import triton.language as tl
 from fedkernels.errors import BackendError, ShapeError
 
 __all__ = [
+    "GEMM_CANDIDATES",
     "GPU_CONFIGS",
+    "autotune_enabled",
+    "gemm_candidates",
     "INTERPRETER_CONFIG",
     "KernelConfig",
     "KernelSpec",
@@ -354,6 +357,13 @@ def _shrink(x, a_ptr, stride_ar, stride_ak, rank, mask, r_act, scale, p, seed, c
 
 
 def _fused_gemm(x, w, stride_wk, stride_wn, n_out, bias, h, lb, stride_br, stride_bn, r_act, p, seed, cfg):
+    args = (x, w, stride_wk, stride_wn, n_out, bias, h, lb, stride_br, stride_bn, r_act, p, seed)
+    if autotune_enabled():
+        cfg = _tuned_gemm_config(args, cfg)
+    return _launch_fused_gemm(*args, cfg)
+
+
+def _launch_fused_gemm(x, w, stride_wk, stride_wn, n_out, bias, h, lb, stride_br, stride_bn, r_act, p, seed, cfg):
     M, K = x.shape
     y = torch.empty((M, n_out), dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(M, cfg.gemm_m) * triton.cdiv(n_out, cfg.gemm_n),)
@@ -369,6 +379,60 @@ def _fused_gemm(x, w, stride_wk, stride_wn, n_out, bias, h, lb, stride_br, strid
         num_warps=cfg.gemm_warps, num_stages=cfg.gemm_stages,
     )
     return y
+
+
+# ----------------------------------------------------------------------------------------------------- autotune
+# Opt-in (FEDKERNELS_TRITON_AUTOTUNE=1) tuning of the fused GEMM's tile, our own loop instead of @triton.autotune
+# (which fails at launch under the interpreter, kernels.md section 4). Candidates per arch (2-byte dtypes) span
+# the usual Triton matmul shapes; each is compiled for its arch in the compile tier (smem checked). Timed once per
+# (device, dtype, M bucket, N, K, dropout epilogue) on the real inputs; the fused GEMM only writes its own output,
+# so running it several times has no side effect.
+GEMM_CANDIDATES: dict[int, list[tuple[int, int, int, int, int]]] = {  # (BM, BN, BK, warps, stages)
+    90: [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 128, 32, 4, 4)],
+    80: [(128, 128, 64, 4, 3), (128, 256, 32, 8, 3), (64, 128, 64, 4, 4), (128, 128, 32, 4, 4)],
+    86: [(128, 64, 64, 4, 2), (64, 64, 64, 4, 3), (128, 128, 32, 8, 2)],
+}
+_TUNED: dict[tuple, KernelConfig] = {}
+
+
+def autotune_enabled() -> bool:
+    return os.environ.get("FEDKERNELS_TRITON_AUTOTUNE") == "1"
+
+
+def gemm_candidates(device: torch.device, dtype: torch.dtype) -> list[KernelConfig]:
+    """Configs the tuner tries: the table row first, then the arch's GEMM_CANDIDATES (16-bit dtypes only)."""
+    base = select_config(device, dtype)
+    if INTERPRET or device.type != "cuda":
+        return [base, dataclasses.replace(base, gemm_m=32, gemm_n=32)]
+    if dtype == torch.float32:
+        return [base]
+    arch = _arch_key(torch.cuda.get_device_capability(device))
+    extra = [dataclasses.replace(base, gemm_m=m, gemm_n=n, gemm_k=k, gemm_warps=w, gemm_stages=st)
+             for m, n, k, w, st in GEMM_CANDIDATES[arch]]
+    return [base, *[c for c in extra if c != base]]
+
+
+def _bench_ms(fn) -> float:
+    if torch.cuda.is_available() and not INTERPRET:
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=5, rep=25, return_mode="median"))
+    import time
+
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _tuned_gemm_config(args, default: KernelConfig) -> KernelConfig:
+    x, n_out, p = args[0], args[4], args[11]
+    key = (str(x.device), x.dtype, triton.next_power_of_2(x.shape[0]), n_out, x.shape[1], p > 0.0)
+    if key not in _TUNED:
+        timings = [(_bench_ms(lambda c=c: _launch_fused_gemm(*args, c)), i, c)
+                   for i, c in enumerate(gemm_candidates(x.device, x.dtype))]
+        _TUNED[key] = min(timings)[2] if timings else default
+    return dataclasses.replace(default, **{f: getattr(_TUNED[key], f) for f in
+                                           ("gemm_m", "gemm_n", "gemm_k", "gemm_warps", "gemm_stages")})
 
 
 def _num_splits(T: int, out_tiles: int, cfg: KernelConfig, device: torch.device) -> int:
@@ -537,15 +601,19 @@ def _spec(name, fn, types: dict[str, str], constexprs: dict[str, Any], aligned: 
 
 
 def compile_specs(arch: int = 90, dtype: torch.dtype = torch.bfloat16, rank: int = 16,
-                  dropout: bool = False, precision: str = "tf32") -> list[KernelSpec]:
+                  dropout: bool = False, precision: str = "tf32",
+                  config: KernelConfig | None = None) -> list[KernelSpec]:
     """Every kernel launch of forward + backward with the `GPU_CONFIGS` row of ``arch`` (80, 86 or 90).
 
     ``precision`` is the fp32 dot mode: "tf32" (tensor cores) or "ieee" (what fp32 inputs get when
     ``torch.backends.cuda.matmul.allow_tf32`` is off, torch's default); ignored for 16-bit dtypes.
+    ``config`` overrides the table row (the compile tier passes each autotune candidate).
     """
     if precision not in ("tf32", "ieee"):
         raise ValueError(f"precision must be 'tf32' or 'ieee', got {precision!r}")
-    cfg = GPU_CONFIGS[(_arch_key((arch // 10, arch % 10)), 2 if dtype != torch.float32 else 4)]
+    if config is None:
+        config = GPU_CONFIGS[(_arch_key((arch // 10, arch % 10)), 2 if dtype != torch.float32 else 4)]
+    cfg = config
     dt = _TRITON_DTYPE[dtype]
     prec = precision
     block_r = min(64, max(cfg.block_r, triton.next_power_of_2(rank)))

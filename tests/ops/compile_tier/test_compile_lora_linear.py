@@ -6,6 +6,7 @@ their shared memory fits the arch's per-block limit, and their dots use tensor c
 the fused GEMMs on sm_90, whose 128-row tiles fill a warpgroup's m64 instruction).
 """
 
+import dataclasses
 import os
 
 import pytest
@@ -14,7 +15,12 @@ import torch
 triton = pytest.importorskip("triton")
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
-from fedkernels.ops.triton_lora import GPU_CONFIGS, SMEM_LIMIT_BYTES, compile_specs  # noqa: E402
+from fedkernels.ops.triton_lora import (  # noqa: E402
+    GEMM_CANDIDATES,
+    GPU_CONFIGS,
+    SMEM_LIMIT_BYTES,
+    compile_specs,
+)
 
 assert os.environ.get("TRITON_INTERPRET") != "1", "the compile tier needs the real compiler, not the interpreter"
 
@@ -83,3 +89,15 @@ def test_kernel_config_rejects_bad_blocks():
         KernelConfig(128, 96, 64, 4, 3, shrink_t=32, shrink_k=64, skinny_t=64, skinny_n=64)
     with pytest.raises(ValueError, match=">= 16"):
         KernelConfig(128, 128, 8, 4, 3, shrink_t=32, shrink_k=64, skinny_t=64, skinny_n=64)
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_autotune_candidates_compile_and_fit(arch):
+    base = GPU_CONFIGS[(arch, 2)]
+    for m, n, k, w, st in GEMM_CANDIDATES[arch]:
+        cfg = dataclasses.replace(base, gemm_m=m, gemm_n=n, gemm_k=k, gemm_warps=w, gemm_stages=st)
+        for spec in compile_specs(arch, torch.bfloat16, config=cfg):
+            if spec.name == "gemm_fwd":
+                kernel = _compile(spec, arch)
+                assert kernel.metadata.shared <= SMEM_LIMIT_BYTES[arch], (cfg, kernel.metadata.shared)
+                assert "mma" in kernel.asm["ptx"]

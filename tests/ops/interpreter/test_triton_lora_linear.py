@@ -208,3 +208,30 @@ def test_deterministic_across_runs():
         runs.append((y, *torch.autograd.grad(y, (inputs[0], inputs[3], inputs[4]), g)))
     for other in runs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(runs[0], other, strict=True))
+
+
+def test_opt_in_autotune_picks_fastest_candidate_and_caches(monkeypatch):
+    monkeypatch.setenv("FEDKERNELS_TRITON_AUTOTUNE", "1")
+    monkeypatch.setattr(tk, "_TUNED", {})
+    launched, timed = [], []
+    real_launch = tk._launch_fused_gemm
+
+    def launch(*args):
+        launched.append(args[-1])
+        return real_launch(*args)
+
+    def fake_ms(fn):
+        fn()
+        timed.append(launched[-1])
+        return 1.0 if launched[-1].gemm_m == 32 else 2.0  # pretend the 32x32 tile is faster
+
+    monkeypatch.setattr(tk, "_launch_fused_gemm", launch)
+    monkeypatch.setattr(tk, "_bench_ms", fake_ms)
+    inputs = make_inputs(T, FIN, FOUT, 16, torch.float32)
+    y = lora_linear(*inputs, 0.7, None, backend="triton")
+    assert [c.gemm_m for c in timed] == [16, 32]  # both candidates timed once, on the forward GEMM
+    assert launched[-1].gemm_m == 32 and all(c.gemm_m == 32 for c in tk._TUNED.values())
+    check_against_reference(y, inputs, 0.7, None, torch.randn(y.shape), label="autotuned")
+    assert len(timed) == 4  # backward dx GEMM: a new key (N=in, K=out), tuned once
+    lora_linear(*inputs, 0.7, None, backend="triton")
+    assert len(timed) == 4  # cached: no re-timing
