@@ -282,21 +282,23 @@ INTERPRETER_CONFIG = KernelConfig(
 )
 
 # GPU table keyed by (arch, element bytes). Pipeline shared memory of the fused GEMM is about
-# stages * (BM*BK + BK*BN) * bytes, plus the rank loop's [BM,16] and [16,BN] tiles and the epilogue's
-# layout-conversion scratch; the compile tier asserts the real `metadata.shared` under SMEM_LIMIT_BYTES.
+# stages * (BM*BK + BK*BN) * bytes on sm_90 and (stages - 1) * ... on sm_80/86 (triton 3.9 keeps one stage in
+# registers there), plus small rank-loop tiles; the compile tier asserts the real `metadata.shared` under
+# SMEM_LIMIT_BYTES. Measured by AOT compiles (triton 3.9, rank 16): fused GEMM 128 KiB on sm_90 bf16, 96 KiB
+# sm_90 fp32, 96 KiB sm_80 bf16, 48 KiB sm_86; shrinks 20-24 KiB, skinny dA/dB 40 KiB (sm_80/90).
 GPU_CONFIGS: dict[tuple[int, int], KernelConfig] = {
     # H100: 128x128x64, 4 stages = 128 KiB of the 227 KiB; 8 warps = two warpgroups for wgmma m64.
     # Shrink (memory-bound, AI ~16 FLOP/B): 32-token tiles give 256 programs at T=8192 (~2 per SM) and
     # 128-wide K steps keep each load a full 256-B line per row.
     (90, 2): KernelConfig(128, 128, 64, 8, 4, shrink_t=32, shrink_k=128, skinny_t=64, skinny_n=128),
     (90, 4): KernelConfig(128, 128, 32, 8, 3, shrink_t=32, shrink_k=64, skinny_t=64, skinny_n=64),  # 96 KiB, tf32
-    # A100: 3 stages of 128x128x64 bf16 = 96 KiB of 163 KiB, leaving room for the epilogue scratch (64 KiB
-    # fp32 tile if it is not aliased); 4 warps as in triton's tuned A100 matmul configs.
-    (80, 2): KernelConfig(128, 128, 64, 4, 3, shrink_t=32, shrink_k=128, skinny_t=64, skinny_n=128),
-    (80, 4): KernelConfig(128, 128, 32, 4, 3, shrink_t=32, shrink_k=64, skinny_t=64, skinny_n=64),  # 96 KiB, tf32
-    # sm_86/89 have 99 KiB per block: 2 stages of 128x64x64 (48 KiB) / 128x64x32 fp32 (48 KiB).
-    (86, 2): KernelConfig(128, 64, 64, 4, 2, shrink_t=32, shrink_k=64, skinny_t=32, skinny_n=64, small_stages=2),
-    (86, 4): KernelConfig(128, 64, 32, 4, 2, shrink_t=32, shrink_k=32, skinny_t=32, skinny_n=64, small_stages=2),
+    # A100: 4 stages of 128x128x64 bf16 = 3 buffers x 32 KiB = 96 KiB of 163 KiB, room for the epilogue's
+    # layout-conversion scratch; 4 warps (64x64 accumulator per warp) as in triton's tuned A100 matmuls.
+    (80, 2): KernelConfig(128, 128, 64, 4, 4, shrink_t=32, shrink_k=128, skinny_t=64, skinny_n=128),
+    (80, 4): KernelConfig(128, 128, 32, 4, 3, shrink_t=32, shrink_k=64, skinny_t=64, skinny_n=64),  # 64 KiB, tf32
+    # sm_86/89 have 99 KiB per block: 3 stages (2 buffers) of 128x64x64 bf16 / 128x64x32 fp32 = 48 KiB.
+    (86, 2): KernelConfig(128, 64, 64, 4, 3, shrink_t=32, shrink_k=64, skinny_t=32, skinny_n=64),
+    (86, 4): KernelConfig(128, 64, 32, 4, 3, shrink_t=32, shrink_k=32, skinny_t=32, skinny_n=64),
 }
 
 
