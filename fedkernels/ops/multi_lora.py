@@ -41,6 +41,9 @@ class MultiLoRAMeta:
         active_clients: ``[S]`` int64 clients with at least one token, ascending (the segments).
         seg_start, seg_len: ``[S]`` int32, start in ``perm`` and length of each segment (kernel inputs).
         perm_i32: ``perm`` as int32 (kernel input).
+        order: ``[T]`` every token sorted by client (the ``num_none`` tokens of client -1 first, then ``perm``);
+            inverse: ``[T]`` its inverse permutation (the torch path works in sorted order and un-sorts by
+            one gather). identity_order: the ids were already sorted (``order`` is the identity: no gathers).
         host_offsets, host_active: the same on the host, so launches need no device sync.
         max_seg_len: longest segment (sizes the kernels' token-tile grid axis).
     """
@@ -54,6 +57,10 @@ class MultiLoRAMeta:
     seg_start: torch.Tensor
     seg_len: torch.Tensor
     perm_i32: torch.Tensor
+    order: torch.Tensor
+    inverse: torch.Tensor
+    num_none: int
+    identity_order: bool
     host_offsets: tuple[int, ...]
     host_active: tuple[int, ...]
     max_seg_len: int
@@ -69,9 +76,11 @@ class MultiLoRAMeta:
     def to(self, device: torch.device | str) -> MultiLoRAMeta:
         """The same metadata with its tensors on ``device``."""
         move = {f: getattr(self, f).to(device) for f in
-                ("perm", "counts", "offsets", "active_clients", "seg_start", "seg_len", "perm_i32")}
+                ("perm", "counts", "offsets", "active_clients", "seg_start", "seg_len", "perm_i32", "order",
+                 "inverse")}
         return MultiLoRAMeta(
             num_tokens=self.num_tokens, num_clients=self.num_clients, host_offsets=self.host_offsets,
+            num_none=self.num_none, identity_order=self.identity_order,
             host_active=self.host_active, max_seg_len=self.max_seg_len, **move,
         )
 
@@ -99,12 +108,17 @@ def build_meta(client_ids: torch.Tensor | Sequence[int], num_clients: int) -> Mu
             raise ValueError(f"client id {bad} out of range [-1, {num_clients}) (num_clients={num_clients})")
     # -1 sorts first; stable keeps each client's tokens in their original order (deterministic reductions).
     _, order = torch.sort(ids, stable=True)
-    counts = torch.bincount(ids[ids >= 0], minlength=num_clients)
-    n_none = ids.numel() - int(counts.sum())
-    perm = order[n_none:].contiguous()
+    counts = torch.bincount(ids + 1, minlength=num_clients + 1)[1:]  # slot 0 counts the -1 tokens; no sync
     offsets = torch.zeros(num_clients + 1, dtype=torch.int64, device=device)
     offsets[1:] = torch.cumsum(counts, 0)
-    host_offsets = tuple(int(v) for v in offsets.tolist())  # the one host sync per batch
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=device)
+    sorted_flag = (ids[1:] >= ids[:-1]).all().reshape(1).to(offsets.dtype)
+    host = torch.cat([offsets, sorted_flag]).tolist()  # the one host sync per batch
+    host_offsets = tuple(int(v) for v in host[:-1])
+    identity = bool(host[-1])
+    n_none = ids.numel() - host_offsets[-1]
+    perm = order[n_none:].contiguous()
     host_active = tuple(c for c in range(num_clients) if host_offsets[c + 1] > host_offsets[c])
     active = torch.tensor(host_active, dtype=torch.int64, device=device)
     seg_start = torch.tensor([host_offsets[c] for c in host_active], dtype=torch.int32, device=device)
@@ -114,6 +128,7 @@ def build_meta(client_ids: torch.Tensor | Sequence[int], num_clients: int) -> Mu
     return MultiLoRAMeta(
         num_tokens=int(ids.numel()), num_clients=int(num_clients), perm=perm, counts=counts, offsets=offsets,
         active_clients=active, seg_start=seg_start, seg_len=seg_len, perm_i32=perm.to(torch.int32),
+        order=order, inverse=inverse, num_none=int(n_none), identity_order=identity,
         host_offsets=host_offsets, host_active=host_active, max_seg_len=int(max_seg),
     )
 
@@ -171,24 +186,26 @@ class MultiLoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, meta, scales, ranks, trainable):
-        y = F.linear(x, weight, bias)
         max_r = lora_A.shape[1]
         h_sorted = x.new_zeros(meta.num_lora_tokens, max_r)
-        if meta.num_lora_tokens:
-            xs = x.index_select(0, meta.perm)
-            delta = torch.empty(meta.num_lora_tokens, weight.shape[0], dtype=y.dtype, device=y.device)
+        if meta.num_lora_tokens == 0:
+            y = F.linear(x, weight, bias)
+        else:
+            # Work in client-sorted order: each client's rows are one contiguous slice, so the expand is
+            # an in-place addmm_ per slice and the result is un-sorted by one gather. A scatter-add
+            # (index_add_) of [T, out] rows measured 35 ms vs 6 ms for a gather (T=2048, out=1024, 2-core CPU).
+            xs = x if meta.identity_order else x.index_select(0, meta.order)
+            ys = F.linear(xs, weight, bias)
+            n0 = meta.num_none
             for c in meta.host_active:
                 lo, hi = meta.segment(c)
                 r = ranks[c]
                 if r == 0:
-                    delta[lo:hi].zero_()
                     continue
-                h = xs[lo:hi] @ lora_A[c, :r].T
+                h = xs[n0 + lo:n0 + hi] @ lora_A[c, :r].T
                 h_sorted[lo:hi, :r] = h
-                # mm with alpha: the scale rides in the GEMM, no extra [n_c, out] pass.
-                torch.mm(h, lora_B[c, :, :r].T, out=delta[lo:hi])
-                delta[lo:hi].mul_(scales[c])
-            y.index_add_(0, meta.perm, delta)  # perm has unique rows: one add per row, deterministic
+                ys[n0 + lo:n0 + hi].addmm_(h, lora_B[c, :, :r].T, alpha=scales[c])  # scale rides in the GEMM
+            y = ys if meta.identity_order else ys.index_select(0, meta.inverse)
         need_x = ctx.needs_input_grad[3] or ctx.needs_input_grad[1]
         ctx.save_for_backward(x if need_x else None, weight, lora_A, lora_B, h_sorted)
         ctx.meta, ctx.scales, ctx.ranks, ctx.trainable = meta, scales, ranks, trainable
@@ -207,28 +224,31 @@ class MultiLoRAFunction(torch.autograd.Function):
             dA = torch.zeros_like(lora_A)
         if need_bb:
             dB = torch.zeros_like(lora_B)
-        if need_x:
-            dx = g @ weight
-        if meta.num_lora_tokens and (need_x or need_a or need_bb):
-            gs = g.index_select(0, meta.perm)
-            xs = x.index_select(0, meta.perm) if need_a else None
-            dxs = g.new_zeros(meta.num_lora_tokens, weight.shape[1]) if need_x else None
+        if meta.num_lora_tokens == 0 or not (need_x or need_a or need_bb):
+            if need_x:
+                dx = g @ weight
+        else:
+            ident, n0 = meta.identity_order, meta.num_none
+            gs = g if ident else g.index_select(0, meta.order)
+            xs = (x if ident else x.index_select(0, meta.order)) if need_a else None
+            dxs = gs @ weight if need_x else None  # the frozen base's dx, in sorted order
             for c in meta.host_active:
                 lo, hi = meta.segment(c)
                 r, s = ranks[c], scales[c]
                 if r == 0:
                     continue
+                a, b = n0 + lo, n0 + hi
                 train_c = trainable[c]
                 if need_bb and train_c:
-                    dB[c, :, :r] = (gs[lo:hi].T @ h_sorted[lo:hi, :r]).mul_(s)
+                    dB[c, :, :r] = (gs[a:b].T @ h_sorted[lo:hi, :r]).mul_(s)
                 if need_x or (need_a and train_c):
-                    gh = (gs[lo:hi] @ lora_B[c, :, :r]).mul_(s)
+                    gh = (gs[a:b] @ lora_B[c, :, :r]).mul_(s)
                     if need_a and train_c:
-                        dA[c, :r] = gh.T @ xs[lo:hi]
+                        dA[c, :r] = gh.T @ xs[a:b]
                     if need_x:
-                        torch.mm(gh, lora_A[c, :r], out=dxs[lo:hi])
+                        dxs[a:b].addmm_(gh, lora_A[c, :r])
             if need_x:
-                dx.index_add_(0, meta.perm, dxs)
+                dx = dxs if ident else dxs.index_select(0, meta.inverse)
         if need_w:
             dW = g.T @ x
         if need_b:

@@ -43,6 +43,7 @@ CASES = [  # (T, in, out, K, R, ranks, ids rule)
     (20, 33, 17, 5, 8, [8, 3, 8, 2, 6], "zero_client"),  # client 2 gets no token
     (13, 19, 23, 3, 4, [4, 2, 3], "all_none"),
     (1, 5, 3, 2, 2, [2, 1], "random"),
+    (26, 12, 9, 3, 4, [4, 1, 3], "sorted"),  # ids already grouped: the identity-order path (no gathers)
 ]
 
 
@@ -53,6 +54,8 @@ def ids_for(rule, T, K, seed=2):
     ids = torch.randint(-1, K, (T,), generator=g)
     if rule == "zero_client":
         ids[ids == 2] = 0
+    if rule == "sorted":
+        ids = torch.sort(ids).values
     return ids
 
 
@@ -107,6 +110,9 @@ def test_meta_layout():
     assert meta.perm.tolist() == [2, 4, 7, 0, 3, 6]  # stable: each client's tokens in original order
     assert meta.seg_start.tolist() == [0, 2, 3] and meta.seg_len.tolist() == [2, 1, 3]
     assert meta.max_seg_len == 3 and meta.num_lora_tokens == 6
+    assert meta.num_none == 2 and meta.order.tolist() == [1, 5, 2, 4, 7, 0, 3, 6] and not meta.identity_order
+    assert torch.equal(meta.order[meta.inverse], torch.arange(8))
+    assert build_meta(torch.tensor([-1, 0, 0, 2]), 3).identity_order
 
 
 def test_frozen_clients_get_no_adapter_grad():
