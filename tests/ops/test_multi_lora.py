@@ -113,6 +113,8 @@ def test_meta_layout():
     assert meta.num_none == 2 and meta.order.tolist() == [1, 5, 2, 4, 7, 0, 3, 6] and not meta.identity_order
     assert torch.equal(meta.order[meta.inverse], torch.arange(8))
     assert build_meta(torch.tensor([-1, 0, 0, 2]), 3).identity_order
+    moved = meta.to("cpu")
+    assert moved.host_offsets == meta.host_offsets and torch.equal(moved.inverse, meta.inverse)
 
 
 def test_frozen_clients_get_no_adapter_grad():

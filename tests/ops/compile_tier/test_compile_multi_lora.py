@@ -20,7 +20,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from fedkernels.ops import triton_multi_lora as tm  # noqa: E402
 
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
-INDEX_ARGS = ("PERM", "SEG_CLIENT", "SEG_START", "SEG_LEN", "RANKS")
+INDEX_ARGS = ("PERM", "SEG_START", "SEG_LEN", "RANKS")  # int32 at runtime; SEG_CLIENT is int64
 
 # kernel use -> (kernel, pointer dtypes, unit strides (contiguous inner dims, specialised to 1 like at runtime),
 #               HAS_SCALE); the layouts are those the launchers pass (see MultiLoRATritonFunction)
@@ -59,6 +59,8 @@ def compile_use(use, br, arch, *, atomic=False):
             sig[name] = ptrs[name]
         elif name in INDEX_ARGS:
             sig[name] = "*i32"
+        elif name == "SEG_CLIENT":
+            sig[name] = "*i64"
         elif name == "SCALES":
             sig[name] = "*fp32"
         else:
