@@ -188,6 +188,10 @@ def test_errors_and_guards():
     with pytest.raises(ConfigError, match="non-prefix"):
         to_multi_client(model, 2)
     assert all(isinstance(m, LoRALinear) for m in lora_modules(model).values())  # untouched after refusal
+    dropout_model = tiny_bert()
+    inject_lora(dropout_model, LoRAConfig(r=4, dropout=0.1))
+    with pytest.raises(ConfigError, match="dropout 0.1"):
+        to_multi_client(dropout_model, 2)
     with pytest.raises(UnknownModuleError, match="no LoRALinear"):
         to_multi_client(nn.Sequential(nn.Linear(3, 3)), 2)
 

@@ -156,3 +156,87 @@ def test_deterministic_mode_is_bitwise_reproducible(dtype):
         again = run("triton", x, w, b, A, B, scales, ranks, meta, det=True)
         for name, v in first.items():
             assert torch.equal(again[name], v), name
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_expand_and_grad_kernels_directly(dtype):
+    """The expand and adapter-gradient kernels alone, on a layout with a -1 token and a rank-0 client."""
+    T, fin, fout, K, R = 29, 21, 35, 3, 16
+    x, w, b, A, B, scales = make(T, fin, fout, K, R, dtype, seed=8)
+    ids = ids_for("random", T, K, seed=9)
+    meta = build_meta(ids, K)
+    cfg = tm.INTERPRETER_CONFIG
+    ranks = [16, 0, 7]
+    segs = tm._segments(meta, lambda c: ranks[c] > 0)
+    ranks_t = torch.tensor(ranks, dtype=torch.int32)
+    scales_t = scales.float()
+    g = torch.Generator().manual_seed(10)
+    p = torch.randn(meta.num_lora_tokens, R, generator=g)  # a rank-sized fp32 intermediate, sorted rows
+    y = torch.randn(T, fout, generator=g).to(dtype)
+    y_k = y.clone()
+    sb = B.stride()
+    tm.expand(p, B, sb, y_k, meta, segs, ranks_t, scales_t, R, cfg)
+    y_ref, y_torch = y.double().clone(), y.clone()
+    for c in segs.clients:
+        lo, hi = meta.segment(c)
+        rows, r = meta.perm[lo:hi], ranks[c]
+        y_ref[rows] += float(scales_t[c]) * p[lo:hi, :r].double() @ B[c, :, :r].double().T
+        y_torch[rows] += (float(scales_t[c]) * p[lo:hi, :r].to(dtype) @ B[c, :, :r].T).to(dtype)
+    e_k, e_t = (y_k.double() - y_ref).abs().max().item(), (y_torch.double() - y_ref).abs().max().item()
+    assert e_k <= 2 * e_t + ulp_floor(y_ref, dtype)
+    # untouched rows: tokens without a client and tokens of the rank-0 client
+    untouched = (ids == -1) | (ids == 1)
+    assert torch.equal(y_k[untouched], y[untouched])
+
+    q = torch.randn(T, fout, generator=g).to(dtype)
+    for det in (False, True):
+        out = tm.segment_grad(p, q, meta, segs, ranks_t, scales_t, R, cfg, deterministic=det)
+        assert out.shape == (len(segs.clients), R, fout)
+        for i, c in enumerate(segs.clients):
+            lo, hi = meta.segment(c)
+            r = ranks[c]
+            ref = float(scales_t[c]) * p[lo:hi, :r].double().T @ q[meta.perm[lo:hi]].double()
+            tor = (float(scales_t[c]) * (p[lo:hi, :r].to(dtype).T @ q[meta.perm[lo:hi]])).double()
+            e_k, e_t = (out[i, :r].double() - ref).abs().max().item(), (tor - ref).abs().max().item()
+            assert e_k <= 2 * e_t + ulp_floor(ref, dtype), (det, c, e_k, e_t)
+            assert torch.all(out[i, r:] == 0)
+
+
+def test_multi_client_bert_triton_matches_torch_path():
+    """`to_multi_client` on a tiny BERT with the Triton backend: same logits and per-client grads as torch."""
+    import torch.nn.functional as F
+
+    from fedkernels.nn import LoRAConfig, inject_lora, to_multi_client
+    from tests.nn.models import tiny_bert
+
+    model = tiny_bert(layers=1)
+    inject_lora(model, LoRAConfig(r=16, alpha=16, target_modules=["query", "value"]))
+    multi = to_multi_client(model, 3)
+    g = torch.Generator().manual_seed(11)
+    for m in multi.modules.values():
+        with torch.no_grad():
+            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.1)  # B = 0 would hide dA
+    multi.set_client_rank(1, None, 5)
+    multi.set_client_trainable(2, None, False)
+    ids = torch.randint(0, 100, (5, 7), generator=g)
+    labels = torch.randint(0, 3, (5,), generator=g)
+    clients = torch.tensor([0, 1, 2, 0, 1])
+    results = {}
+    for backend in ("torch", "triton"):
+        for m in multi.modules.values():
+            m.backend = backend
+        multi.zero_grad()
+        with multi.clients(clients):
+            logits = model(input_ids=ids).logits
+        sum(F.cross_entropy(logits[clients == c], labels[clients == c]) for c in range(3)).backward()
+        results[backend] = (logits.detach(), {c: multi.client_grads(c) for c in range(3)})
+    torch.testing.assert_close(results["triton"][0], results["torch"][0], rtol=1e-5, atol=1e-5)
+    for c in range(3):
+        for name, (gA, gB) in results["triton"][1][c].items():
+            rA, rB = results["torch"][1][c][name]
+            torch.testing.assert_close(gA, rA, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(gB, rB, rtol=1e-4, atol=1e-6)
+            if c == 2:
+                assert torch.all(gA == 0) and torch.all(gB == 0)
+            else:
+                assert gA.abs().sum() > 0
