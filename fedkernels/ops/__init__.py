@@ -16,3 +16,6 @@ __all__ = [
     "stack_lora",
     "triton_available",
 ]
+from fedkernels.ops.multi_lora import MultiLoRAFunction, MultiLoRAMeta, build_meta, multi_lora_linear  # noqa: E402
+
+__all__ += ["MultiLoRAFunction", "MultiLoRAMeta", "build_meta", "multi_lora_linear"]
