@@ -1,4 +1,4 @@
-"""GPU tier: the Triton merge kernel at real shapes on CUDA (run by tests/ops/test_triton_tiers.py when a GPU exists)."""
+"""GPU tier: the Triton merge kernel at real shapes on CUDA (run by tests/ops/test_triton_tiers.py with a GPU)."""
 
 from __future__ import annotations
 
