@@ -294,3 +294,20 @@ def test_float32_state_keeps_dtype():
         assert not res.rejected
         for A, B in res.global_state.factors.values():
             assert A.dtype == B.dtype == torch.float32
+
+
+def test_flexlora_batched_group_equals_per_module():
+    """l0.q and l0.v have equal shapes and trainers, so they are SVD'd in one batched call."""
+    gs = global_state()
+    plans = {0: {"l0.q": 4, "l0.v": 4}, 1: {"l0.q": 6, "l0.v": 6}}
+    ups = [update(0, plans[0], 10), update(1, plans[1], 25)]
+    both = aggregation.get("flexlora").aggregate(gs, ups, plans)
+    for m in ("l0.q", "l0.v"):
+        single_plans = {c: {m: p[m]} for c, p in plans.items()}
+        single_ups = [update(c, single_plans[c], u.num_samples) for c, u in zip(plans, ups, strict=True)]
+        for su, u in zip(single_ups, ups, strict=True):
+            su.factors[m] = u.factors[m]
+        one = aggregation.get("flexlora").aggregate(gs, single_ups, single_plans)
+        torch.testing.assert_close(_prod(both.global_state.factors[m]), _prod(one.global_state.factors[m]), **TOL)
+        for c in plans:
+            torch.testing.assert_close(_prod(both.client_starts[c][m]), _prod(one.client_starts[c][m]), **TOL)
