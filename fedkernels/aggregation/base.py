@@ -173,15 +173,16 @@ def validate_update(
     for m in sorted(set(update.factors) & set(plan) & set(global_state.factors)):
         pair = update.factors[m]
         if not (isinstance(pair, tuple | list) and len(pair) == 2 and all(isinstance(t, torch.Tensor) for t in pair)):
-            errs.append(_err(f"client {cid}, module {m!r}: factors must be a pair of tensors (A, B)", cid, m, "shape"))
+            errs.append(_err(f"client {cid}, module {m!r}: wrong shape, factors must be a pair of tensors (A, B)",
+                             cid, m, "shape"))
             continue
         A, B = pair
         gA, gB = global_state.factors[m]
         R, d_in, d_out = gA.shape[0], gA.shape[1], gB.shape[0]
         if A.dim() != 2 or B.dim() != 2 or A.shape[1] != d_in or B.shape[0] != d_out or A.shape[0] != B.shape[1]:
             errs.append(_err(
-                f"client {cid}, module {m!r}: A {tuple(A.shape)} / B {tuple(B.shape)} do not fit A [r, {d_in}], "
-                f"B [{d_out}, r]", cid, m, "shape"))
+                f"client {cid}, module {m!r}: wrong shape, A {tuple(A.shape)} / B {tuple(B.shape)} do not fit "
+                f"A [r, {d_in}], B [{d_out}, r]", cid, m, "shape"))
             continue
         if not (A.is_floating_point() and B.is_floating_point()):
             errs.append(_err(f"client {cid}, module {m!r}: factors must be floating point, got {A.dtype}/{B.dtype}",

@@ -4,9 +4,11 @@
 Per module over its trainers (algorithms.md sec. 3): ``W_g = sum p_k s_k B_k A_k`` (each client's own scale
 alpha/r_k), SVD, and every party gets the best rank-r approximation of W_g (Eckart-Young), re-split with its own
 scale: ``s_k B_k' A_k' = best_rank_{r_k}(W_g)``. The global state is the best rank-R approximation (global scale);
-each trainer's `AggregationResult.client_starts` entry is its own rank-r_k approximation. W_g is never formed:
-stacking + `fedkernels.ops.factor_svd` (QR of the factors, S x S core SVD), batched over every group of modules
-with equal shapes, trainers, ranks and scales (a 7B adapter set has 224 modules but only a few such groups).
+a trainer whose scale differs from the global one gets its own rank-r_k split in `AggregationResult.client_starts`
+(with equal scales that split is exactly the global factors truncated to r_k, the default `start_for`).
+W_g is never formed: stacking + `fedkernels.ops.factor_svd` (QR of the factors, S x S core SVD), batched over
+every group of modules with equal shapes, trainers, ranks and scales (a 7B adapter set has 224 modules but only a
+few such groups).
 """
 
 from __future__ import annotations
@@ -56,6 +58,11 @@ class FlexLoRA(AggregationRule):
             for j, (m, _) in enumerate(members):
                 state.factors[m] = (gA_new[j].to(gdtype), gB_new[j].to(gdtype))
             for (u, _), (A_k, B_k) in zip(ts0, outs[1:], strict=True):
+                if float(u.scales[members[0][0]]) == s_g:
+                    # Same scale: the client's best rank-r_k split is exactly the global factors truncated to r_k
+                    # (same SVD, same sqrt split), i.e. what `start_for` gives from the latest global state, so no
+                    # client-specific start is emitted (a stored one would go stale while the client is not sampled).
+                    continue
                 starts = result.client_starts.setdefault(int(u.client_id), {})
                 for j, (m, _) in enumerate(members):
                     starts[m] = (A_k[j].to(u.factors[m][0].dtype), B_k[j].to(u.factors[m][1].dtype))

@@ -142,7 +142,8 @@ def factor_svd(
         raise ShapeError(f"factor_svd: B {tuple(B_stack.shape)} and A {tuple(A_stack.shape)} do not pair")
     dtype = compute_dtype or torch.promote_types(torch.promote_types(B_stack.dtype, A_stack.dtype), torch.float32)
     ab, tb, Rb = _qr_r(B_stack.to(dtype))  # R_b [.., k1, S]
-    aa, ta, Ra = _qr_r(A_stack.to(dtype).transpose(-1, -2).contiguous())  # R_a [.., k2, S]
+    # A^T of a row-major A is already column-major, the layout LAPACK factorises: no transposing copy
+    aa, ta, Ra = _qr_r(A_stack.to(dtype).transpose(-1, -2))  # R_a [.., k2, S]
     core = Rb @ Ra.transpose(-1, -2)  # [.., k1, k2]
     Uc, s, Vch = torch.linalg.svd(core, full_matrices=False)
     K = s.shape[-1]

@@ -194,10 +194,14 @@ def test_flexlora_global_and_client_starts_are_best_rank_r():
                                    atol=1e-10)
         for u in ups:
             if m not in u.factors:
-                assert m not in res.client_starts[u.client_id]
+                assert m not in res.client_starts.get(u.client_id, {})
                 continue
-            A, B = res.client_starts[u.client_id][m]
             r = plans[u.client_id][m]
+            if u.scales[m] == SCALE:  # equal scale: the start is the truncated global state
+                assert u.client_id not in res.client_starts
+                A, B = aggregation.get("flexlora").start_for(res.global_state, u.client_id, {m: r})[m]
+            else:
+                A, B = res.client_starts[u.client_id][m]
             assert A.shape == (r, SHAPES[m][1]) and B.shape == (SHAPES[m][0], r)
             err = torch.linalg.matrix_norm(dense - u.scales[m] * B @ A)
             torch.testing.assert_close(err, _best_rank_error(dense, r), rtol=1e-9, atol=1e-10)
@@ -216,7 +220,7 @@ def test_one_client_returns_its_own_update(name):
             torch.testing.assert_close(s * B_s @ A_s, own, **TOL)
         elif name == "flexlora":  # factors are re-split, the product is the client's own
             torch.testing.assert_close(_prod(res.global_state.factors[m], SCALE), own, rtol=1e-9, atol=1e-10)
-            torch.testing.assert_close(_prod(res.client_starts[5][m], SCALE), own, rtol=1e-9, atol=1e-10)
+            assert 5 not in res.client_starts  # same scale as the global state: start = truncated global
         elif name == "ffa":
             torch.testing.assert_close(res.global_state.factors[m][1], u.factors[m][1], **TOL)
         else:
@@ -227,7 +231,9 @@ def test_one_client_returns_its_own_update(name):
 def test_permuting_clients_changes_nothing(name):
     gs = global_state()
     plans, ups = round_setup(5)
+    ups[1].scales = {m: 4.0 for m in ups[1].scales}  # a client with its own alpha/r (flexlora: own start)
     a = aggregation.get(name).aggregate(gs, ups, plans)
+    assert name != "flexlora" or set(a.client_starts) == {1}
     shuffled = list(ups)
     random.Random(1).shuffle(shuffled)
     assert [u.client_id for u in shuffled] != [u.client_id for u in ups]
@@ -294,3 +300,21 @@ def test_float32_state_keeps_dtype():
         assert not res.rejected
         for A, B in res.global_state.factors.values():
             assert A.dtype == B.dtype == torch.float32
+
+
+def test_flexlora_batched_group_equals_per_module():
+    """l0.q and l0.v have equal shapes and trainers, so they are SVD'd in one batched call."""
+    gs = global_state()
+    plans = {0: {"l0.q": 4, "l0.v": 4}, 1: {"l0.q": 6, "l0.v": 6}}
+    ups = [update(0, plans[0], 10, scale=0.7), update(1, plans[1], 25, scale=1.3)]
+    both = aggregation.get("flexlora").aggregate(gs, ups, plans)
+    for m in ("l0.q", "l0.v"):
+        single_plans = {c: {m: p[m]} for c, p in plans.items()}
+        single_ups = [update(c, single_plans[c], u.num_samples, scale=u.scales[m])
+                      for c, u in zip(plans, ups, strict=True)]
+        for su, u in zip(single_ups, ups, strict=True):
+            su.factors[m] = u.factors[m]
+        one = aggregation.get("flexlora").aggregate(gs, single_ups, single_plans)
+        torch.testing.assert_close(_prod(both.global_state.factors[m]), _prod(one.global_state.factors[m]), **TOL)
+        for c in plans:
+            torch.testing.assert_close(_prod(both.client_starts[c][m]), _prod(one.client_starts[c][m]), **TOL)

@@ -122,3 +122,24 @@ def test_merge_stacked_errors():
         merge_stacked(W, torch.randn(2, 3, 6), torch.randn(2, 4, 3), 1.0)
     with pytest.raises(NonFiniteError, match="nan"):
         merge_stacked(W, torch.randn(2, 3, 6), torch.randn(2, 5, 3), float("nan"))
+
+
+def test_factor_svd_top_k_matches_full():
+    As, Bs = _clients([3, 6, 4], d_out=40, d_in=29, lead=(2,))
+    A_s, B_s = stack_lora(As, Bs, [0.2, 0.5, 0.3])
+    U, S, Vh = factor_svd(B_s, A_s)
+    Uk, Sk, Vhk = factor_svd(B_s, A_s, k=5)
+    assert Uk.shape == (2, 40, 5) and Sk.shape == (2, 5) and Vhk.shape == (2, 5, 29)
+    torch.testing.assert_close(Sk, S[..., :5], rtol=1e-12, atol=1e-12)
+    # singular vectors agree up to sign: compare the rank-5 projections
+    top5 = U[..., :5] @ torch.diag_embed(S[..., :5]) @ Vh[..., :5, :]
+    torch.testing.assert_close(Uk @ torch.diag_embed(Sk) @ Vhk, top5, rtol=1e-10, atol=1e-10)
+
+
+def test_factor_svd_float32_close_to_float64():
+    As, Bs = _clients([4, 8, 16], d_out=96, d_in=80)
+    A_s, B_s = stack_lora(As, Bs, [0.3, 0.3, 0.4])
+    _, S32, _ = factor_svd(B_s.float(), A_s.float())
+    S64 = torch.linalg.svdvals(B_s @ A_s)[:28]
+    assert S32.dtype == torch.float32
+    assert float(((S32.double() - S64).abs() / S64).max()) < 1e-5
