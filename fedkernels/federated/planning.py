@@ -52,9 +52,8 @@ class Planner:
 
     def __init__(self, model: torch.nn.Module, layers: dict, cfg: FederatedConfig, allocation: str,
                  calibration_batch: dict | None = None, head_params: list | None = None) -> None:
-        from solvers.memory import MemoryModel
-
         from fedkernels.nn import layer_index
+        from solvers.memory import MemoryModel
 
         self.cfg = cfg
         self.allocation = allocation
