@@ -59,27 +59,16 @@ def load_adapter_state(layers: dict[str, LoRALinear], state: Factors, ranks: dic
     return nbytes
 
 
-def count_training_bytes(model: nn.Module, batch: dict, params: list[nn.Parameter], loss_fn) -> int:
-    """Training memory of one step, counted the way `solvers.memory.measure` counts it.
+def count_training_bytes(model: nn.Module, batch: dict, params: list[nn.Parameter], loss_fn,
+                         optimizer: str = "adamw") -> int:
+    """Training memory of one step, measured by `solvers.memory.measure` (the memory model's own yardstick).
 
     Saved-for-backward bytes (unique storages, parameters excluded) + every parameter + a gradient and
     two AdamW states per trainable parameter.
     """
-    param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}
+    from solvers.memory import measure
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in param_ptrs:
-            saved[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = loss_fn(model, batch)
-    del loss
-    static = sum(p.numel() * p.element_size() for p in model.parameters())
-    trainable = sum(p.numel() * p.element_size() for p in params)
-    return int(sum(saved.values()) + static + 3 * trainable)
+    return int(measure(model, batch, params, loss_fn=loss_fn, optimizer=optimizer).total)
 
 
 def _loss(model: nn.Module, batch: dict) -> torch.Tensor:
@@ -143,7 +132,7 @@ def train_client(
         idx = np.take(order, range(lo, lo + batch_size), mode="wrap")
         batch = data.batch(idx)
         if measure_memory and step == 0:
-            measured = count_training_bytes(model, batch, params, _loss)
+            measured = count_training_bytes(model, batch, params, _loss, optimizer)
         loss = _loss(model, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()

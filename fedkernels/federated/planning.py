@@ -52,9 +52,8 @@ class Planner:
 
     def __init__(self, model: torch.nn.Module, layers: dict, cfg: FederatedConfig, allocation: str,
                  calibration_batch: dict | None = None, head_params: list | None = None) -> None:
-        from solvers.memory import MemoryModel
-
         from fedkernels.nn import layer_index
+        from solvers.memory import MemoryModel
 
         self.cfg = cfg
         self.allocation = allocation
@@ -70,6 +69,9 @@ class Planner:
             raise ConfigError("Planner needs a calibration batch to measure the model's training memory")
         # Calibrated by measurement on the very model the clients train (saved-tensor hooks, as
         # `solvers.memory.measure` counts), so plans are checked against what training really keeps.
+        # Train mode: dropout masks are saved for backward during training, so calibrate with them.
+        was_training = model.training
+        model.train()
         self.memory = MemoryModel.from_model(
             model, calibration_batch,
             {m: [layer.lora_A, layer.lora_B] for m, layer in layers.items()},
@@ -78,6 +80,7 @@ class Planner:
             optimizer=cfg.optimizer,
             always_trainable=list(head_params or []),
         )
+        model.train(was_training)
 
     # budgets ---------------------------------------------------------------
     def client_budgets(self) -> dict[int, int]:

@@ -17,3 +17,6 @@ __all__ = [
     "load_adapter",
     "lora_modules",
 ]
+from fedkernels.nn.multi_lora import ClientRouter, MultiClientLoRA, MultiLoRALinear, to_multi_client  # noqa: E402
+
+__all__ += ["ClientRouter", "MultiClientLoRA", "MultiLoRALinear", "to_multi_client"]

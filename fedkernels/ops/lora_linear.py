@@ -150,6 +150,9 @@ def lora_linear(
             mask is a prefix (that is what `LoRALinear.set_active_rank` does): work then scales with r_i.
         dropout_p: LoRA dropout on the adapter path; the mask comes from ``dropout_seed`` and is
             regenerated in backward, never stored.
+            Each backend has its own generator (torch: `dropout_keep_mask`; triton: Philox in the
+            kernels, materialised by `fedkernels.ops.triton_lora.triton_dropout_keep_mask`), so one seed
+            gives different, equally distributed masks on the two backends; each is consistent fwd/bwd.
         backend: "torch", "triton" or "auto" (triton on CUDA tensors, torch otherwise).
     Raises:
         ShapeError: shapes do not match. BackendError: unknown or unavailable backend.

@@ -1,5 +1,7 @@
 """`fedkernels.ops.lora_linear` (torch path) against the float64 reference."""
 
+import os
+
 import pytest
 import torch
 
@@ -133,3 +135,11 @@ def test_leading_dims_and_errors():
         lora_linear(x, w, None, A, B, 1.0, backend="cuda-magic")
     with pytest.raises(ValueError, match="dropout_p"):
         lora_linear(x, w, None, A, B, 1.0, dropout_p=1.0)
+
+
+def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error():
+    x, w, b, A, B = make(3, 5, 4, 2, torch.float32)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("interpreter set: CPU tensors are allowed on the triton backend")
+    with pytest.raises(BackendError, match="TRITON_INTERPRET=1"):
+        lora_linear(x, w, b, A, B, 0.5, backend="triton")

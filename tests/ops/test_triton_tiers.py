@@ -29,7 +29,8 @@ def _run_tier(tier: str, folder: str, extra_env: dict[str, str]) -> None:
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", *map(str, tests)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500,
     )
-    assert proc.returncode == 0, f"{tier} tier failed (exit {proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
+    tail = f"{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, f"{tier} tier failed (exit {proc.returncode}):\n{tail}"
 
 
 def test_interpreter_tier():

@@ -1,0 +1,346 @@
+"""Data types, validation and shared arithmetic of the aggregation rules.
+
+A round: the server holds a `GlobalState` (per module ``A [R, in]``, ``B [out, R]``, LoRA scale), the sampled
+clients send `ClientUpdate`s (whole adapters of the modules they trained, at their planned rank), and a rule's
+`AggregationRule.aggregate` returns an `AggregationResult`. Formulas: shared/docs/algorithms.md.
+
+Conventions shared by all rules (algorithms.md sec. 0 and 6):
+- weights ``p_k = n_k / sum n_j`` are normalised **per module over the clients that trained it**;
+- client scales ``s_k`` that differ from the global scale ``s_g`` are folded into the factors before any mixing
+  (``sqrt(s_k / s_g)`` on each factor, so ``s_g B' A' = s_k B A``);
+- arithmetic runs in at least float32 and the result is cast back to the global factors' dtype;
+- updates are validated before any arithmetic and reduced in client-id order, so the result does not depend on
+  arrival order.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import numbers
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from fedkernels.errors import ClientUpdateError, ConfigError, RankError, UnknownModuleError
+
+__all__ = [
+    "ClientUpdate",
+    "GlobalState",
+    "AggregationResult",
+    "AggregationRule",
+    "validate_update",
+    "Factors",
+]
+
+Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class ClientUpdate:
+    """What one client sends: its trained modules' factors ``A [r, in]``, ``B [out, r]`` (whole adapters, not
+    deltas), the rank and LoRA scale of each, and its number of training samples (the FedAvg weight)."""
+
+    client_id: int
+    factors: Factors
+    ranks: dict[str, int]
+    scales: dict[str, float]
+    num_samples: int
+
+
+class GlobalState:
+    """Server-side adapter state: ``factors`` (module -> ``(A [R, in], B [out, R])``, R = global max rank),
+    ``scales`` (module -> LoRA scale) and ``extra``, the rule's persistent state (round counter, Fed-pilot
+    staleness, HetLoRA pruned ranks...). ``extra`` values are tensors or JSON-able values."""
+
+    def __init__(self, factors: Factors, scales: dict[str, float], extra: dict[str, Any] | None = None):
+        missing = sorted(set(factors) - set(scales))
+        if missing:
+            raise ConfigError(f"GlobalState: no scale given for module(s) {missing}")
+        for m, (A, B) in factors.items():
+            if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
+                raise ConfigError(
+                    f"GlobalState: module {m!r} needs A [R, in] and B [out, R], got {tuple(A.shape)}, {tuple(B.shape)}"
+                )
+        self.factors: Factors = dict(factors)
+        self.scales: dict[str, float] = {m: float(s) for m, s in scales.items()}
+        self.extra: dict[str, Any] = {} if extra is None else extra
+
+    @classmethod
+    def from_factors(cls, factors: Factors, scales: dict[str, float]) -> GlobalState:
+        """State with the given factors (detached copies) and scales and an empty ``extra``."""
+        return cls({m: (A.detach().clone(), B.detach().clone()) for m, (A, B) in factors.items()}, scales)
+
+    @property
+    def round(self) -> int:
+        """Number of aggregations done so far (the round about to be trained)."""
+        return int(self.extra.get("round", 0))
+
+    def rank(self, module: str) -> int:
+        return int(self.factors[module][0].shape[0])
+
+    def clone(self) -> GlobalState:
+        return GlobalState(
+            {m: (A.clone(), B.clone()) for m, (A, B) in self.factors.items()},
+            dict(self.scales),
+            {k: (v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)) for k, v in self.extra.items()},
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything but factors and scales (the trainer saves those itself): tensors stay tensors, the rest is
+        checked to survive a JSON round trip (ConfigError naming the key otherwise)."""
+        out: dict[str, Any] = {}
+        for k, v in self.extra.items():
+            if isinstance(v, torch.Tensor):
+                out[k] = v.detach().clone()
+                continue
+            try:
+                back = json.loads(json.dumps(v))
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"GlobalState.extra[{k!r}] = {v!r} is neither a tensor nor JSON-able") from exc
+            if back != v:
+                raise ConfigError(f"GlobalState.extra[{k!r}] = {v!r} does not survive a JSON round trip (as {back!r})")
+            out[k] = copy.deepcopy(v)
+        return out
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.extra = {k: (v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)) for k, v in state.items()}
+
+
+@dataclass
+class AggregationResult:
+    """Output of one aggregation.
+
+    Attributes:
+        global_state: the new server state (a new object; the input state is never mutated).
+        client_starts: client id -> module -> factors the client starts from next round, only where they differ
+            from the global factors truncated to its plan (FlexLoRA: its own best rank-r_i approximation).
+        base_deltas: module -> ``(A_stack [S, in], B_stack [out, S], scale)``, to add into the frozen base weight
+            as ``W += scale * B_stack @ A_stack`` (FLoRA).
+        rejected: one error per rejected problem (several may name the same client).
+        notes: human-readable remarks (modules nobody trained, pruned ranks, fallbacks).
+    """
+
+    global_state: GlobalState
+    client_starts: dict[int, Factors] = field(default_factory=dict)
+    base_deltas: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = field(default_factory=dict)
+    rejected: list[ClientUpdateError] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------------- validation
+def _err(msg: str, cid: object, module: str | None, reason: str) -> ClientUpdateError:
+    return ClientUpdateError(msg, client=cid, module=module, reason=reason)
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def validate_update(
+    update: ClientUpdate, plan: dict[str, int] | None, global_state: GlobalState
+) -> list[ClientUpdateError]:
+    """All problems of ``update`` against its ``plan`` (module -> planned rank; None: client not sampled) and the
+    global shapes, found before any arithmetic. Empty list: the update is usable."""
+    cid = update.client_id
+    errs: list[ClientUpdateError] = []
+    if not _is_int(cid):
+        return [_err(f"client id {cid!r} is not an integer", cid, None, "client_id")]
+    if plan is None:
+        return [_err(f"client {cid} sent an update but was not sampled this round (no plan)", cid, None, "not_sampled")]
+    n = update.num_samples
+    if isinstance(n, bool) or not isinstance(n, numbers.Real) or not math.isfinite(float(n)) or n <= 0 or (
+        not _is_int(n) and not float(n).is_integer()
+    ):
+        errs.append(_err(f"client {cid}: num_samples must be a positive integer, got {n!r}", cid, None, "num_samples"))
+    if not isinstance(update.factors, dict):
+        return errs + [_err(f"client {cid}: factors must be a dict, got {type(update.factors).__name__}", cid, None,
+                            "shape")]
+    for m in sorted(update.factors):
+        if m not in global_state.factors:
+            errs.append(_err(f"client {cid}: unknown module {m!r} (not in the global adapter)", cid, m,
+                             "unknown_module"))
+        elif m not in plan:
+            errs.append(_err(f"client {cid}: module {m!r} was not in its plan (planned: {sorted(plan)})", cid, m,
+                             "unplanned_module"))
+    for m in sorted(plan):
+        if m not in update.factors:
+            errs.append(_err(f"client {cid}: planned module {m!r} (rank {plan[m]}) is missing from the update", cid,
+                             m, "missing_module"))
+    for m in sorted(set(update.factors) & set(plan) & set(global_state.factors)):
+        pair = update.factors[m]
+        if not (isinstance(pair, tuple | list) and len(pair) == 2 and all(isinstance(t, torch.Tensor) for t in pair)):
+            errs.append(_err(f"client {cid}, module {m!r}: wrong shape, factors must be a pair of tensors (A, B)",
+                             cid, m, "shape"))
+            continue
+        A, B = pair
+        gA, gB = global_state.factors[m]
+        R, d_in, d_out = gA.shape[0], gA.shape[1], gB.shape[0]
+        if A.dim() != 2 or B.dim() != 2 or A.shape[1] != d_in or B.shape[0] != d_out or A.shape[0] != B.shape[1]:
+            errs.append(_err(
+                f"client {cid}, module {m!r}: wrong shape, A {tuple(A.shape)} / B {tuple(B.shape)} do not fit "
+                f"A [r, {d_in}], B [{d_out}, r]", cid, m, "shape"))
+            continue
+        if not (A.is_floating_point() and B.is_floating_point()):
+            errs.append(_err(f"client {cid}, module {m!r}: factors must be floating point, got {A.dtype}/{B.dtype}",
+                             cid, m, "dtype"))
+            continue
+        r = A.shape[0]
+        declared = update.ranks.get(m) if isinstance(update.ranks, dict) else None
+        if declared != r:
+            errs.append(_err(f"client {cid}, module {m!r}: declared rank {declared!r} but factors have rank {r}",
+                             cid, m, "rank"))
+        if r != plan[m]:
+            errs.append(_err(f"client {cid}, module {m!r}: rank {r} differs from the planned rank {plan[m]}", cid, m,
+                             "rank"))
+        elif r > R:
+            errs.append(_err(f"client {cid}, module {m!r}: rank {r} exceeds the global rank {R}", cid, m, "rank"))
+        s = update.scales.get(m) if isinstance(update.scales, dict) else None
+        if isinstance(s, bool) or not isinstance(s, numbers.Real) or not math.isfinite(float(s)) or s <= 0:
+            errs.append(_err(f"client {cid}, module {m!r}: LoRA scale must be a positive finite number, got {s!r}",
+                             cid, m, "scale"))
+        bad = int((~torch.isfinite(A)).sum()) + int((~torch.isfinite(B)).sum())
+        if bad:
+            errs.append(_err(f"client {cid}, module {m!r}: {bad} non-finite (NaN/Inf) entries in A/B", cid, m,
+                             "non_finite"))
+    return errs
+
+
+# ----------------------------------------------------------------------------------------------- rules
+@dataclass
+class RuleOptions:
+    """Options shared by every rule. ``weighting``: "samples" (p_k proportional to n_k) or "uniform"."""
+
+    weighting: str = "samples"
+
+    def __post_init__(self) -> None:
+        if self.weighting not in ("samples", "uniform"):
+            raise ConfigError(f"weighting must be 'samples' or 'uniform', got {self.weighting!r}")
+
+
+def _sort_key(u: ClientUpdate) -> tuple:
+    return (0, int(u.client_id), "") if _is_int(u.client_id) else (1, 0, repr(u.client_id))
+
+
+class AggregationRule:
+    """Base class: validation, ordering and per-module weights; subclasses implement `_aggregate`."""
+
+    name: ClassVar[str] = "base"
+    Options: ClassVar[type] = RuleOptions
+
+    def __init__(self, **options: Any):
+        valid = {f.name for f in dataclasses.fields(self.Options)}
+        unknown = sorted(set(options) - valid)
+        if unknown:
+            raise ConfigError(f"aggregation rule {self.name!r}: unknown option(s) {unknown}; valid: {sorted(valid)}")
+        self.options = self.Options(**options)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.options})"
+
+    # -------------------------------------------------------------- public API
+    def aggregate(
+        self, global_state: GlobalState, updates: list[ClientUpdate], plans: dict[int, dict[str, int]]
+    ) -> AggregationResult:
+        """Validate every update, reject the bad ones, aggregate the rest in client-id order.
+
+        ``global_state`` is not mutated; the result's state has its round counter advanced by one.
+        """
+        state = global_state.clone()
+        result = AggregationResult(global_state=state)
+        ordered = sorted(updates, key=_sort_key)
+        counts: dict[object, int] = {}
+        for u in ordered:
+            counts[u.client_id] = counts.get(u.client_id, 0) + 1
+        good: list[ClientUpdate] = []
+        for u in ordered:
+            if counts[u.client_id] > 1:  # reject every copy: keeping "the first" would depend on arrival order
+                result.rejected.append(_err(f"client {u.client_id} sent {counts[u.client_id]} updates this round",
+                                            u.client_id, None, "duplicate"))
+                continue
+            errs = validate_update(u, plans.get(u.client_id) if _is_int(u.client_id) else None, global_state)
+            if errs:
+                result.rejected.extend(errs)
+            else:
+                good.append(u)
+        self._aggregate(state, good, plans, result)
+        state.extra["round"] = global_state.round + 1
+        return result
+
+    def start_for(self, global_state: GlobalState, client_id: int, plan: dict[str, int]) -> Factors:
+        """Factors client ``client_id`` starts from under ``plan``: the global factors truncated to the planned rank."""
+        out: Factors = {}
+        for m, r in plan.items():
+            if m not in global_state.factors:
+                raise UnknownModuleError(f"client {client_id}: planned module {m!r} is not in the global adapter")
+            A, B = global_state.factors[m]
+            if not 0 < r <= A.shape[0]:
+                raise RankError(f"client {client_id}, module {m!r}: planned rank {r} outside 1..{A.shape[0]}")
+            out[m] = (A[:r].clone(), B[:, :r].clone())
+        return out
+
+    # -------------------------------------------------------------- for subclasses
+    def _aggregate(self, state: GlobalState, updates: list[ClientUpdate], plans: dict[int, dict[str, int]],
+                   result: AggregationResult) -> None:
+        raise NotImplementedError
+
+    def raw_weight(self, u: ClientUpdate) -> float:
+        return 1.0 if self.options.weighting == "uniform" else float(u.num_samples)
+
+    def trainers(self, updates: list[ClientUpdate], module: str) -> list[tuple[ClientUpdate, float]]:
+        """Clients that trained ``module`` with weights normalised over them (sum 1), in client-id order."""
+        ts = [u for u in updates if module in u.factors]
+        total = sum(self.raw_weight(u) for u in ts)
+        return [(u, self.raw_weight(u) / total) for u in ts] if total > 0 else []
+
+
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """At least float32 (algorithms.md sec. 6: always aggregate in fp32)."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def folded(u: ClientUpdate, module: str, global_scale: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Client factors with ``sqrt(s_k / s_g)`` on each, so that ``s_g B' A' == s_k B A``."""
+    A, B = u.factors[module]
+    A, B = A.to(dtype), B.to(dtype)
+    ratio = float(u.scales[module]) / global_scale
+    if ratio != 1.0:
+        f = math.sqrt(ratio)
+        A, B = A * f, B * f
+    return A, B
+
+
+def note_untrained(result: AggregationResult, module: str) -> None:
+    result.notes.append(f"module {module!r}: no client trained it this round (zero total weight); left unchanged")
+
+
+def average_by_rank(
+    gA: torch.Tensor, gB: torch.Tensor, contribs: list[tuple[torch.Tensor, torch.Tensor, float]], *, pad: str = "rows"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted average of factors of possibly smaller ranks into the global rank R.
+
+    ``pad="rows"``: rank row j (A row / B column) is averaged over the clients whose rank covers it, with weights
+    renormalised over them (the per-key rule of algorithms.md sec. 0 applied to rank slices); rows no client covers
+    keep the global value. ``pad="zero"``: zero-pad each client to R and take ``sum w_k pad(.)`` (HetLoRA;
+    FLoRA's zero-padding baseline), so uncovered rows become zero.
+    """
+    dtype = compute_dtype(gA)
+    R = gA.shape[0]
+    accA = torch.zeros(gA.shape, dtype=dtype, device=gA.device)
+    accB = torch.zeros(gB.shape, dtype=dtype, device=gB.device)
+    den = torch.zeros(R, dtype=dtype, device=gA.device)
+    for A, B, w in contribs:
+        r = A.shape[0]
+        accA[:r].add_(A.to(dtype), alpha=w)
+        accB[:, :r].add_(B.to(dtype), alpha=w)
+        den[:r] += w
+    if pad == "zero":
+        return accA.to(gA.dtype), accB.to(gB.dtype)
+    covered = den > 0
+    safe = torch.where(covered, den, torch.ones_like(den))
+    newA = torch.where(covered[:, None], accA / safe[:, None], gA.to(dtype))
+    newB = torch.where(covered[None, :], accB / safe[None, :], gB.to(dtype))
+    return newA.to(gA.dtype), newB.to(gB.dtype)

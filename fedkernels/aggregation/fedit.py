@@ -1,0 +1,54 @@
+"""FedIT (Zhang et al., ICASSP 2024, "Towards Building the Federated GPT"): FedAvg of A and B separately.
+
+``A = sum p_k A_k``, ``B = sum p_k B_k`` per module over its trainers (algorithms.md sec. 5). Inexact: the product
+differs from ``sum p_k B_k A_k`` by the weighted covariance ``sum p_k (B_k - B)(A_k - A)``. Clients of smaller
+rank cover only the first r_k rank rows; with ``pad="rows"`` (default) each row is averaged over the clients that
+cover it, with ``pad="zero"`` clients are zero-padded to R (FLoRA's "zero-padding" baseline).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fedkernels.aggregation.base import (
+    AggregationResult,
+    AggregationRule,
+    ClientUpdate,
+    GlobalState,
+    RuleOptions,
+    average_by_rank,
+    compute_dtype,
+    folded,
+    note_untrained,
+)
+from fedkernels.errors import ConfigError
+
+__all__ = ["FedIT", "FedITOptions"]
+
+
+@dataclass
+class FedITOptions(RuleOptions):
+    """``pad``: "rows" (average each rank row over the clients covering it) or "zero" (zero-pad to R)."""
+
+    pad: str = "rows"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.pad not in ("rows", "zero"):
+            raise ConfigError(f"pad must be 'rows' or 'zero', got {self.pad!r}")
+
+
+class FedIT(AggregationRule):
+    name = "fedit"
+    Options = FedITOptions
+
+    def _aggregate(self, state: GlobalState, updates: list[ClientUpdate], plans, result: AggregationResult) -> None:
+        for m in state.factors:
+            ts = self.trainers(updates, m)
+            if not ts:
+                note_untrained(result, m)
+                continue
+            gA, gB = state.factors[m]
+            dt = compute_dtype(gA)
+            contribs = [(*folded(u, m, state.scales[m], dt), p) for u, p in ts]
+            state.factors[m] = average_by_rank(gA, gB, contribs, pad=self.options.pad)

@@ -1,0 +1,288 @@
+"""Heterogeneous LoRA allocation strategies: one `Plan` per client from its memory budget.
+
+* ``fedpilot``: knapsack maximising importance (Fed-pilot, algorithms.md sec. 1): the memory model's
+  `AllocationProblem` solved by `solvers.solve_many` (any backend).
+* ``fedhello-gd:<pattern>``, ``fedhello-rgd:<pattern>``, ``fedhello-fim`` (Fed-HeLLo, sec. 2): layer-level
+  allocation. A client affords ``n_k`` layers (the most layers whose cheapest placement, the top ``n_k``
+  layers, fits its budget); which layers follows a preference order: GD = layers by pattern weight, ties
+  rotated across clients; RGD = a seeded weighted draw without replacement (numpy ``choice(p=pattern)``);
+  FIM = RGD with probabilities from the FIM clusters of the layer importance (bottleneck when no
+  importance is known yet). Layers are taken in preference order while the chosen set can still be
+  completed to ``n_k`` layers within budget (completion by the highest free layers, which are cheapest
+  because they do not lower the lowest trained block), so every client ends with exactly ``n_k`` layers.
+  Patterns: ``triangle``, ``inverted-triangle``, ``bottleneck``, ``uniform``; append ``:input`` to mirror.
+* ``fedra``: FedRA's random layer subset, seeded per client (uniform preference order, same fitting rule).
+* ``hetlora`` / ``flexlora``: every module at the largest rank choice that fits (HetLoRA, FlexLoRA).
+* ``uniform-min``: every client gets the ``fedpilot`` plan of the smallest budget (the "bucket effect"
+  baseline of homogeneous FedIT).
+* ``full``: every module at its maximum rank, budget ignored.
+
+When a client cannot afford one whole layer (layer strategies) or all modules at the smallest rank
+(hetlora/flexlora), it trains the modules of the top layer(s) that fit: our adaptation so that every budget
+above `MemoryModel.min_trainable_bytes` trains something. A budget below that raises
+`InfeasibleBudgetError` naming the client, its budget and the minimum.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from solvers.api import solve_many
+from solvers.errors import InfeasibleBudgetError, ProblemError
+from solvers.importance import PATTERNS, fim_pattern, geometric_pattern, layer_scores
+from solvers.memory import MemoryModel
+from solvers.problem import Plan, PlanStatus
+
+__all__ = ["available_strategies", "plan_clients", "parse_strategy"]
+
+_SIMPLE = ("fedpilot", "fedhello-fim", "fedra", "hetlora", "flexlora", "uniform-min", "full")
+
+
+def available_strategies() -> list[str]:
+    """Every strategy name (layer-pattern strategies once per pattern)."""
+    return [*_SIMPLE, *(f"fedhello-gd:{p}" for p in PATTERNS), *(f"fedhello-rgd:{p}" for p in PATTERNS)]
+
+
+def parse_strategy(strategy: str) -> tuple[str, str | None, str]:
+    """``(base, pattern, orientation)``; ValueError listing the valid names for an unknown one."""
+    s = str(strategy).strip().lower()
+    base, _, rest = s.partition(":")
+    if base in _SIMPLE and not rest:
+        return base, None, "output"
+    if base in ("fedhello-gd", "fedhello-rgd"):
+        pattern, _, orient = (rest or "bottleneck").partition(":")
+        if pattern in PATTERNS and orient in ("", "output", "input"):
+            return base, pattern, orient or "output"
+    raise ValueError(f"unknown strategy {strategy!r}; valid: {', '.join(available_strategies())} "
+                     "(pattern strategies accept a ':input' suffix)")
+
+
+def _rng(seed: int, client: object) -> np.random.Generator:
+    key = client if isinstance(client, int) else zlib.crc32(str(client).encode())
+    return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(key) & 0xFFFFFFFF])
+
+
+class _Ctx:
+    def __init__(self, memory: MemoryModel, importance: Mapping[str, float] | None) -> None:
+        self.memory = memory
+        self.L = memory.num_blocks
+        self.by_block: dict[int, list[str]] = {}
+        for sp in memory.modules:
+            self.by_block.setdefault(sp.block, []).append(sp.name)
+        self.layers = sorted(self.by_block)
+        vals = {sp.name: 1.0 for sp in memory.modules}
+        if importance:
+            given = {memory.spec(str(k)).name: float(v) for k, v in importance.items()}
+            if sum(given.values()) > 0:
+                vals = {n: given.get(n, 0.0) for n in vals}
+        self.values = vals
+
+    def layer_modules(self, layers, rank: int | None = None) -> dict[str, int]:
+        return {n: (self.memory.spec(n).max_rank if rank is None else min(rank, self.memory.spec(n).max_rank))
+                for l in layers for n in self.by_block.get(l, [])}
+
+    def fits(self, plan: Mapping[str, int], budget: int) -> bool:
+        return self.memory.predict(plan) <= budget
+
+    def affordable_layers(self, budget: int, rank: int | None = None) -> int:
+        """Most layers n whose cheapest placement (the top n layers) fits."""
+        n = 0
+        for k in range(1, len(self.layers) + 1):
+            if self.fits(self.layer_modules(self.layers[-k:], rank), budget):
+                n = k
+            else:
+                break
+        return n
+
+    def partial_top(self, budget: int, rank: int | None = None) -> dict[str, int]:
+        """Modules of the top layer, cheapest first, while they fit (a client below one whole layer)."""
+        top = self.layers[-1]
+        names = sorted(self.by_block[top], key=lambda n: (self.memory.module_cost(n), n))
+        plan: dict[str, int] = {}
+        for n in names:
+            r = self.memory.spec(n).max_rank if rank is None else min(rank, self.memory.spec(n).max_rank)
+            if self.fits({**plan, n: r}, budget):
+                plan[n] = r
+        if not plan:  # the cheapest single module anywhere (min_trainable_bytes guarantees one fits)
+            r0 = {sp.name: min(rank or sp.max_rank, sp.max_rank) for sp in self.memory.modules}
+            best = min(r0, key=lambda n: (self.memory.predict({n: r0[n]}), n))
+            if self.fits({best: r0[best]}, budget):
+                plan[best] = r0[best]
+        return plan
+
+    def choose_layers(self, order: Sequence[int], n: int, budget: int) -> list[int]:
+        """Take layers in preference ``order`` while the set stays completable to n layers within budget."""
+        chosen: list[int] = []
+        for l in order:
+            if len(chosen) == n:
+                break
+            cand = [*chosen, l]
+            rest = [x for x in reversed(self.layers) if x not in cand][: n - len(cand)]
+            if self.fits(self.layer_modules(cand + rest), budget):
+                chosen = cand
+        return sorted(chosen)
+
+
+def _plan(ctx: _Ctx, modules: Mapping[str, int], budget: int, client, backend: str, t0: float,
+          status: PlanStatus = PlanStatus.FEASIBLE, message: str = "") -> Plan:
+    blocks = [ctx.memory.spec(n).block for n in modules]
+    return Plan(modules=dict(modules), status=status,
+                objective=float(sum(ctx.values.get(n, 0.0) for n in modules)),
+                predicted_bytes=ctx.memory.predict(modules), budget=int(budget), backend=backend,
+                solve_time_s=time.perf_counter() - t0, client=client,
+                lowest_block=min(blocks) if blocks else None, message=message)
+
+
+def _knapsack(ctx: _Ctx, budgets: Mapping, rank_choices, backend: str, time_limit) -> dict:
+    probs = [ctx.memory.problem(int(b), values=ctx.values, rank_choices=rank_choices, client=c)
+             for c, b in budgets.items()]
+    plans = solve_many(probs, backend, time_limit=time_limit)
+    out = {}
+    for prob, plan in zip(probs, plans, strict=True):
+        if plan.status is PlanStatus.INFEASIBLE:
+            raise InfeasibleBudgetError(prob.client, prob.budget, prob.min_train_bytes())
+        _fill(ctx, prob, plan)
+        out[prob.client] = plan
+    return out
+
+
+def _fill(ctx: _Ctx, prob, plan: Plan) -> None:
+    """Add modules the knapsack left out but that fit under `MemoryModel.predict`.
+
+    The problem's additive costs count a shared input once per module (q and v read the same tensor),
+    so its optimum can leave memory unused that `predict` knows is free. Modules are added by value, each
+    at the largest rank option that still fits; the plan's status is kept, the message says what changed.
+    """
+    added = []
+    for it in sorted(prob.items, key=lambda it: (-max(it.values), it.block, it.name)):
+        if it.name in plan.modules or max(it.values) <= 0:
+            continue
+        for r in reversed(it.ranks):
+            if ctx.fits({**plan.modules, it.name: r}, prob.budget):
+                plan.modules[it.name] = r
+                added.append(it.name)
+                break
+    if added:
+        plan.objective = float(sum(prob.item(n).value_of(r) for n, r in plan.modules.items()))
+        plan.lowest_block = min(prob.item(n).block for n in plan.modules)
+        plan.message = (plan.message + "; " if plan.message else "") + (
+            f"{len(added)} module(s) added that fit once shared inputs are counted once")
+    plan.predicted_bytes = ctx.memory.predict(plan.modules)
+
+
+def plan_clients(
+    strategy: str,
+    memory: MemoryModel,
+    budgets: Mapping[int, int],
+    *,
+    seed: int = 0,
+    importance: Mapping[str, float] | None = None,
+    rank_choices: Sequence[int] | None = None,
+    backend: str = "dp",
+    time_limit: float | None = None,
+) -> dict[int, Plan]:
+    """One plan per client (``budgets``: client id -> bytes) under ``strategy`` (see the module docstring).
+
+    Every plan except ``full`` fits its budget under ``memory.predict``. Same seed, same plans.
+    ``importance`` (module -> score) drives ``fedpilot``'s values and ``fedhello-fim``'s clusters;
+    ``rank_choices`` the knapsack's rank options and the hetlora/flexlora ranks.
+
+    Raises:
+        ValueError: unknown strategy (the message lists the valid ones).
+        InfeasibleBudgetError: a client's budget is below the cheapest trainable plan.
+    """
+    base, pattern, orient = parse_strategy(strategy)
+    if not isinstance(memory, MemoryModel):
+        raise ProblemError(f"plan_clients needs a solvers.memory.MemoryModel, got {type(memory).__name__}")
+    ctx = _Ctx(memory, importance)
+    budgets = {c: int(b) for c, b in budgets.items()}
+    if not budgets:
+        return {}
+    if base == "full":
+        t0 = time.perf_counter()
+        return {c: _plan(ctx, memory.full_plan(), b, c, "full", t0, message="budget ignored")
+                for c, b in budgets.items()}
+    if rank_choices is not None:
+        rank_choices = sorted({int(r) for r in rank_choices})
+        if not rank_choices or rank_choices[0] < 1:
+            raise ProblemError(f"rank_choices must be ints >= 1, got {rank_choices!r}")
+    ranked = base in ("hetlora", "flexlora")
+    need = memory.min_trainable_bytes(rank_choices or (memory.default_rank_choices() if ranked else None))
+    for c, b in sorted(budgets.items(), key=lambda kv: str(kv[0])):
+        if b < need:
+            raise InfeasibleBudgetError(c, b, need)
+
+    if base == "fedpilot":
+        return _knapsack(ctx, budgets, rank_choices, backend, time_limit)
+    if base == "uniform-min":
+        low = min(budgets, key=lambda c: (budgets[c], str(c)))
+        ref = _knapsack(ctx, {low: budgets[low]}, rank_choices, backend, time_limit)[low]
+        out = {}
+        for c, b in budgets.items():
+            t0 = time.perf_counter()
+            out[c] = _plan(ctx, ref.modules, b, c, f"uniform-min/{ref.backend}", t0, status=ref.status,
+                           message=f"plan of client {low} (smallest budget)")
+        return out
+    if base in ("hetlora", "flexlora"):
+        return {c: _rank_plan(ctx, base, b, c, rank_choices) for c, b in budgets.items()}
+
+    out = {}
+    k = 0
+    for c, b in budgets.items():
+        t0 = time.perf_counter()
+        n = ctx.affordable_layers(b)
+        if n == 0:
+            out[c] = _plan(ctx, ctx.partial_top(b), b, c, strategy, t0,
+                           message="budget below one whole layer: part of the top layer")
+            k += 1
+            continue
+        L = len(ctx.layers)
+        if base == "fedra":
+            order = [ctx.layers[i] for i in _rng(seed, c).permutation(L)]
+        elif base == "fedhello-gd":
+            w = geometric_pattern(L, pattern, orient)
+            order = _gd_order(w, k)
+            order = [ctx.layers[i] for i in order]
+        else:  # rgd / fim: weighted draw without replacement
+            if base == "fedhello-fim" and importance:
+                w = fim_pattern(layer_scores(ctx.values, memory.blocks, memory.num_blocks))
+                w = np.array([w[l] for l in ctx.layers], dtype=float)
+                w = w / w.sum()
+            else:
+                w = geometric_pattern(L, pattern or "bottleneck", orient)
+            order = [ctx.layers[i] for i in _rng(seed, c).choice(L, size=L, replace=False, p=w)]
+        layers = ctx.choose_layers(order, n, b)
+        out[c] = _plan(ctx, ctx.layer_modules(layers), b, c, strategy, t0, message=f"{n} layers: {layers}")
+        k += 1
+    return out
+
+
+def _gd_order(w: np.ndarray, k: int) -> list[int]:
+    """Layers by decreasing pattern weight; each group of equal weights rotated by the client's index k."""
+    out: list[int] = []
+    for val in sorted(set(np.round(w, 12).tolist()), reverse=True):
+        group = [i for i in range(len(w)) if round(float(w[i]), 12) == val]
+        s = k % len(group)
+        out += group[s:] + group[:s]
+    return out
+
+
+def _rank_plan(ctx: _Ctx, base: str, budget: int, client, rank_choices) -> Plan:
+    t0 = time.perf_counter()
+    choices = rank_choices or list(ctx.memory.default_rank_choices())
+    choices = sorted({min(int(r), ctx.memory.max_rank) for r in choices})
+    for r in reversed(choices):
+        plan = ctx.layer_modules(ctx.layers, r)
+        if ctx.fits(plan, budget):
+            return _plan(ctx, plan, budget, client, base, t0, message=f"rank {r} on every module")
+    r = choices[0]
+    n = ctx.affordable_layers(budget, r)
+    if n:
+        plan = ctx.layer_modules(ctx.layers[-n:], r)
+        return _plan(ctx, plan, budget, client, base, t0, message=f"rank {r} on the top {n} layers only")
+    return _plan(ctx, ctx.partial_top(budget, r), budget, client, base, t0,
+                 message=f"rank {r} on part of the top layer only")

@@ -1,0 +1,145 @@
+"""Identities of the batched aggregation ops in float64 on random factors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedkernels.errors import NonFiniteError, ShapeError
+from fedkernels.ops import factor_svd, flexlora_redistribute, merge_stacked, stack_lora
+
+D = torch.float64
+
+
+def _clients(ranks, d_out=23, d_in=31, lead=(), dtype=D):
+    As = [torch.randn(*lead, r, d_in, dtype=dtype) for r in ranks]
+    Bs = [torch.randn(*lead, d_out, r, dtype=dtype) for r in ranks]
+    return As, Bs
+
+
+@pytest.mark.parametrize("lead", [(), (3,)])
+def test_stack_equals_weighted_sum_of_products(lead):
+    As, Bs = _clients([2, 5, 3], lead=lead)
+    w = torch.rand(3, dtype=D) + 0.1
+    A_s, B_s = stack_lora(As, Bs, w)
+    ref = sum(w[i] * Bs[i] @ As[i] for i in range(3))
+    assert A_s.shape[-2] == 10 and B_s.shape[-1] == 10
+    torch.testing.assert_close(B_s @ A_s, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_stack_per_module_weights():
+    As, Bs = _clients([2, 4], lead=(3,))
+    w = torch.rand(2, 3, dtype=D) + 0.1
+    A_s, B_s = stack_lora(As, Bs, w)
+    ref = sum(w[i][:, None, None] * Bs[i] @ As[i] for i in range(2))
+    torch.testing.assert_close(B_s @ A_s, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_stack_rejects_mismatched_pairs():
+    As, Bs = _clients([2, 3])
+    with pytest.raises(ShapeError, match="client 1"):
+        stack_lora(As, [Bs[0], Bs[0]], [0.5, 0.5])
+
+
+@pytest.mark.parametrize("lead", [(), (4,)])
+def test_factor_svd_matches_dense_svd(lead):
+    As, Bs = _clients([3, 6, 4], d_out=40, d_in=29, lead=lead)
+    A_s, B_s = stack_lora(As, Bs, [0.2, 0.5, 0.3])
+    U, S, Vh = factor_svd(B_s, A_s)
+    dense = B_s @ A_s
+    S_ref = torch.linalg.svdvals(dense)
+    K = S.shape[-1]
+    assert K == 13
+    torch.testing.assert_close(S, S_ref[..., :K], rtol=1e-10, atol=1e-10)
+    # rank(BA) <= 13: the dense tail is rounding noise
+    assert float(S_ref[..., K:].abs().max()) < 1e-10 * float(S_ref.max())
+    torch.testing.assert_close(U @ torch.diag_embed(S) @ Vh, dense, rtol=1e-10, atol=1e-10)
+    eye = torch.eye(K, dtype=D).expand(*lead, K, K)
+    torch.testing.assert_close(U.transpose(-1, -2) @ U, eye, atol=1e-10, rtol=0)
+    torch.testing.assert_close(Vh @ Vh.transpose(-1, -2), eye, atol=1e-10, rtol=0)
+
+
+def test_factor_svd_zero_B_round0():
+    As, _ = _clients([3, 4])
+    Bs = [torch.zeros(23, 3, dtype=D), torch.zeros(23, 4, dtype=D)]
+    A_s, B_s = stack_lora(As, Bs, [0.5, 0.5])
+    U, S, Vh = factor_svd(B_s, A_s)
+    assert torch.isfinite(U).all() and torch.isfinite(Vh).all()
+    assert float(S.abs().max()) == 0.0
+    outs = flexlora_redistribute(As, Bs, [0.5, 0.5], [2, 5])
+    for A, B in outs:
+        assert torch.isfinite(A).all() and float((B @ A).abs().max()) == 0.0
+
+
+def test_flexlora_is_best_rank_r_eckart_young():
+    As, Bs = _clients([4, 8, 2], d_out=30, d_in=26)
+    w = [0.3, 0.5, 0.2]
+    ranks = [2, 5, 14, 20]  # 20 > S = 14: padded with zero directions
+    scales = [0.5, 2.0, 1.0, 4.0]
+    dense = sum(wi * B @ A for wi, A, B in zip(w, As, Bs, strict=True))
+    S_ref = torch.linalg.svdvals(dense)
+    outs = flexlora_redistribute(As, Bs, w, ranks, scales=scales)
+    for (A, B), r, s in zip(outs, ranks, scales, strict=True):
+        assert A.shape == (r, 26) and B.shape == (30, r)
+        err = torch.linalg.matrix_norm(dense - s * B @ A)
+        tail = torch.sqrt((S_ref[r:] ** 2).sum())
+        torch.testing.assert_close(err, tail, rtol=1e-8, atol=1e-10)
+        # sqrt(S) split: both factors carry the same singular values
+        torch.testing.assert_close(torch.linalg.svdvals(B), torch.linalg.svdvals(A), rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+def test_merge_stacked_torch_in_place(dtype):
+    M, out_f, in_f, S = 3, 17, 21, 9
+    W = torch.randn(M, out_f, in_f, dtype=D)
+    A = torch.randn(M, S, in_f, dtype=D)
+    B = torch.randn(M, out_f, S, dtype=D)
+    ref = W + 0.37 * B @ A
+    w = W.to(dtype)
+    ptr = w.data_ptr()
+    out = merge_stacked(w, A.to(dtype), B.to(dtype), 0.37, backend="torch")
+    assert out.data_ptr() == ptr == w.data_ptr()
+    # tolerance: a few ulps of the result's magnitude (|ref| <~ 15) in the weight's dtype
+    tol = 8 * torch.finfo(dtype).eps * float(ref.abs().max())
+    assert float((w.double() - ref).abs().max()) <= tol
+
+
+def test_merge_stacked_equals_client_loop():
+    As, Bs = _clients([2, 5, 3], lead=(2,))
+    w = [0.2, 0.5, 0.3]
+    W = torch.randn(2, 23, 31, dtype=D)
+    loop = W.clone()
+    for wi, A, B in zip(w, As, Bs, strict=True):
+        loop += 1.5 * wi * B @ A
+    A_s, B_s = stack_lora(As, Bs, w)
+    merge_stacked(W, A_s, B_s, 1.5, backend="torch")
+    torch.testing.assert_close(W, loop, rtol=1e-12, atol=1e-12)
+
+
+def test_merge_stacked_errors():
+    W = torch.randn(2, 5, 6)
+    with pytest.raises(ShapeError, match=r"\[2,5,S\]"):
+        merge_stacked(W, torch.randn(2, 3, 6), torch.randn(2, 4, 3), 1.0)
+    with pytest.raises(NonFiniteError, match="nan"):
+        merge_stacked(W, torch.randn(2, 3, 6), torch.randn(2, 5, 3), float("nan"))
+
+
+def test_factor_svd_top_k_matches_full():
+    As, Bs = _clients([3, 6, 4], d_out=40, d_in=29, lead=(2,))
+    A_s, B_s = stack_lora(As, Bs, [0.2, 0.5, 0.3])
+    U, S, Vh = factor_svd(B_s, A_s)
+    Uk, Sk, Vhk = factor_svd(B_s, A_s, k=5)
+    assert Uk.shape == (2, 40, 5) and Sk.shape == (2, 5) and Vhk.shape == (2, 5, 29)
+    torch.testing.assert_close(Sk, S[..., :5], rtol=1e-12, atol=1e-12)
+    # singular vectors agree up to sign: compare the rank-5 projections
+    top5 = U[..., :5] @ torch.diag_embed(S[..., :5]) @ Vh[..., :5, :]
+    torch.testing.assert_close(Uk @ torch.diag_embed(Sk) @ Vhk, top5, rtol=1e-10, atol=1e-10)
+
+
+def test_factor_svd_float32_close_to_float64():
+    As, Bs = _clients([4, 8, 16], d_out=96, d_in=80)
+    A_s, B_s = stack_lora(As, Bs, [0.3, 0.3, 0.4])
+    _, S32, _ = factor_svd(B_s.float(), A_s.float())
+    S64 = torch.linalg.svdvals(B_s @ A_s)[:28]
+    assert S32.dtype == torch.float32
+    assert float(((S32.double() - S64).abs() / S64).max()) < 1e-5

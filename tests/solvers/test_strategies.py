@@ -1,0 +1,190 @@
+"""Allocation strategies: budgets respected, seeded determinism, layer counts, pattern statistics."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from solvers import InfeasibleBudgetError, available_backends
+from solvers.importance import geometric_pattern
+from solvers.memory import MemoryModel, ModuleSpec
+from solvers.strategies import available_strategies, plan_clients
+
+LAYER_STRATEGIES = [s for s in available_strategies() if s.startswith(("fedhello", "fedra"))]
+
+
+def synthetic(L: int = 12, static: int = 10_000, block_cost: int = 0, rank: int = 8) -> MemoryModel:
+    """Two modules (q, v sharing their input) per layer; additive when block_cost = 0."""
+    mods = tuple(ModuleSpec(f"layers.{j}.{m}", j, 16, 16, rank, kind=f"layers.#.{m}", group="qv", order=o)
+                 for j in range(L) for o, m in enumerate("qv"))
+    return MemoryModel(modules=mods, static_bytes=static, head_bytes=100, block_costs=(block_cost,) * L,
+                       param_train_bytes={m.name: 50 for m in mods}, rank_act_bytes={m.name: 10 for m in mods},
+                       input_bytes={m.name: 20 for m in mods}, rank_scaling=True)
+
+
+LAYER = 2 * (50 + 10) + 20  # one synthetic layer at full rank: two modules, one shared input
+
+
+@pytest.fixture(scope="module")
+def bert6() -> MemoryModel:
+    cfg = {"model_type": "bert", "hidden_size": 64, "num_hidden_layers": 6, "num_attention_heads": 4,
+           "intermediate_size": 128, "vocab_size": 200}
+    return MemoryModel.from_config(cfg, batch_size=4, seq_len=32, rank=8)
+
+
+def _budgets(mm: MemoryModel, n: int = 8) -> dict[int, int]:
+    lo, hi = mm.min_trainable_bytes(mm.default_rank_choices()), mm.full_bytes()
+    lo = max(lo, mm.min_trainable_bytes())
+    return {c: int(lo + (hi - lo) * f) for c, f in enumerate(np.linspace(0, 1.05, n))}
+
+
+@pytest.mark.parametrize("strategy", available_strategies())
+def test_every_plan_fits_and_is_seeded(strategy, bert6):
+    budgets = _budgets(bert6)
+    a = plan_clients(strategy, bert6, budgets, seed=7)
+    b = plan_clients(strategy, bert6, budgets, seed=7)
+    assert list(a) == list(budgets)
+    for c, plan in a.items():
+        assert plan.client == c and plan.budget == budgets[c]
+        assert plan.modules == b[c].modules
+        assert plan.predicted_bytes == bert6.predict(plan.modules)
+        if strategy == "full":
+            assert plan.modules == bert6.full_plan()
+        else:
+            assert plan.modules, (strategy, c)  # every budget >= the minimum trains something
+            assert bert6.predict(plan.modules) <= budgets[c], (strategy, c)
+
+
+@pytest.mark.parametrize("strategy", LAYER_STRATEGIES)
+def test_layer_counts_are_what_each_client_affords(strategy, bert6):
+    budgets = _budgets(bert6)
+    plans = plan_clients(strategy, bert6, budgets, seed=3)
+    L = bert6.num_blocks
+    counts = []
+    for c, b in budgets.items():
+        top_fit = [n for n in range(1, L + 1)
+                   if bert6.predict([m.name for m in bert6.modules if m.block >= L - n]) <= b]
+        afford = max(top_fit, default=0)
+        layers = {bert6.spec(m).block for m in plans[c].modules}
+        if afford:
+            assert len(layers) == afford, (c, layers, afford)
+            per_layer = Counter(bert6.spec(m).block for m in plans[c].modules)
+            assert all(v == 2 for v in per_layer.values())  # whole layers
+        counts.append(len(layers))
+    assert counts == sorted(counts)  # budgets increase with the client id here
+
+
+def test_rgd_inclusion_follows_the_pattern():
+    """algorithms.md oracle 9: over many seeded draws, inclusion frequency is ordered like the pattern."""
+    mm = synthetic()
+    n_clients, n = 3000, 3
+    budgets = {c: mm.static_bytes + mm.head_bytes + n * LAYER for c in range(n_clients)}
+    plans = plan_clients("fedhello-rgd:bottleneck", mm, budgets, seed=0)
+    freq = np.zeros(12)
+    for p in plans.values():
+        layers = {mm.spec(m).block for m in p.modules}
+        assert len(layers) == n
+        for layer in layers:
+            freq[layer] += 1
+    w = geometric_pattern(12, "bottleneck")
+    ends, middle = freq[[0, 1, 2, 9, 10, 11]], freq[[5, 6, 7]]
+    assert ends.min() > middle.max()  # ends favoured, middle rarely trained
+    assert np.corrcoef(freq, w)[0, 1] > 0.9
+    tri = plan_clients("fedhello-rgd:triangle", mm, dict(list(budgets.items())[:1000]), seed=0)
+    ftri = np.bincount([mm.spec(m).block for p in tri.values() for m in p.modules if m.endswith(".q")], minlength=12)
+    assert ftri[-3:].sum() > 2 * ftri[:3].sum()
+    other = plan_clients("fedhello-rgd:bottleneck", mm, dict(list(budgets.items())[:50]), seed=1)
+    assert any(other[c].modules != plans[c].modules for c in other)
+
+
+def test_gd_rotates_ties_across_clients():
+    mm = synthetic()
+    budgets = {c: mm.static_bytes + mm.head_bytes + 3 * LAYER for c in range(6)}
+    plans = plan_clients("fedhello-gd:bottleneck", mm, budgets)
+    count = Counter(mm.spec(m).block for p in plans.values() for m in p.modules if m.endswith(".q"))
+    assert count == {layer: 3 for layer in (0, 1, 2, 9, 10, 11)}  # 6 tied top layers x 3 picks each over 6 clients
+
+
+def test_fedra_random_layers_seeded_per_client():
+    mm = synthetic()
+    budgets = {c: mm.static_bytes + mm.head_bytes + 4 * LAYER for c in range(40)}
+    a = plan_clients("fedra", mm, budgets, seed=5)
+    assert all(a[c].modules == p.modules for c, p in plan_clients("fedra", mm, budgets, seed=5).items())
+    sets = {frozenset(p.modules) for p in a.values()}
+    assert len(sets) > 20
+    assert all(len({mm.spec(m).block for m in p.modules}) == 4 for p in a.values())
+
+
+def test_fim_strategy_follows_importance():
+    mm = synthetic()
+    level = {4: 10.0, 5: 10.0, 0: 1.0, 1: 1.0, 2: 1.0, 3: 1.0}  # three FIM clusters: high, mid, low (0.1)
+    importance = {m.name: level.get(m.block, 0.1) for m in mm.modules}
+    budgets = {c: mm.static_bytes + mm.head_bytes + 2 * LAYER for c in range(1000)}
+    plans = plan_clients("fedhello-fim", mm, budgets, seed=0, importance=importance)
+    freq = Counter(mm.spec(m).block for p in plans.values() for m in p.modules if m.endswith(".q"))
+    high, mid, low = (np.mean([freq[j] for j in js]) for js in ((4, 5), (0, 1, 2, 3), range(6, 12)))
+    assert high > mid > low  # cluster weights 3 : 2 : 1 ordered by centroid
+    assert min(freq[4], freq[5]) > max(freq[j] for j in range(6, 12))
+
+
+def test_fedpilot_is_best_under_the_problem(bert6):
+    """Knapsack value >= any other strategy's plan that also fits the problem's (conservative) costs."""
+    rng = np.random.default_rng(0)
+    importance = {m: float(rng.random()) for m in bert6.module_names}
+    budgets = _budgets(bert6)
+    pilot = plan_clients("fedpilot", bert6, budgets, importance=importance)
+    for strategy in ("fedra", "fedhello-gd:triangle", "uniform-min", "hetlora"):
+        other = plan_clients(strategy, bert6, budgets, importance=importance)
+        for c, b in budgets.items():
+            prob = bert6.problem(b, values=importance)
+            plan = {m: bert6.spec(m).max_rank for m in other[c].modules}
+            if prob.cost(plan) <= b:
+                assert prob.value(pilot[c].modules) >= prob.value(plan) - 1e-9
+
+
+@pytest.mark.parametrize("backend", ["greedy", "pulp", "cvxpy"])
+def test_fedpilot_other_backends_fit(backend, bert6):
+    if backend not in available_backends():
+        pytest.skip(f"{backend} not installed")
+    budgets = _budgets(bert6, 4)
+    for c, p in plan_clients("fedpilot", bert6, budgets, backend=backend, time_limit=10).items():
+        assert bert6.predict(p.modules) <= budgets[c]
+
+
+def test_hetlora_rank_grows_with_budget(bert6):
+    budgets = _budgets(bert6)
+    plans = plan_clients("hetlora", bert6, budgets, rank_choices=(1, 2, 4, 8))
+    ranks = [max(p.modules.values()) for p in plans.values()]
+    assert ranks == sorted(ranks) and ranks[-1] == 8
+    full = [p for p in plans.values() if len(p.modules) == len(bert6.modules)]
+    assert full and all(len(set(p.modules.values())) == 1 for p in full)
+
+
+def test_uniform_min_gives_everyone_the_smallest_plan(bert6):
+    budgets = _budgets(bert6)
+    plans = plan_clients("uniform-min", bert6, budgets)
+    smallest = plan_clients("fedpilot", bert6, {0: budgets[0]})[0]
+    assert all(p.modules == smallest.modules for p in plans.values())
+
+
+def test_infeasible_budget_names_client_budget_minimum(bert6):
+    for strategy in ("fedpilot", "fedra", "hetlora", "uniform-min", "fedhello-rgd:uniform"):
+        # hetlora may drop to rank 1: its minimum is lower (adapters sliced to the rank here)
+        need = bert6.min_trainable_bytes(bert6.default_rank_choices() if strategy == "hetlora" else None)
+        budgets = {0: need, 7: need - 1}
+        assert plan_clients(strategy, bert6, {0: need})[0].modules
+        with pytest.raises(InfeasibleBudgetError) as info:
+            plan_clients(strategy, bert6, budgets)
+        assert info.value.client == 7 and info.value.budget == need - 1
+        assert info.value.min_bytes >= need
+        assert "client 7" in str(info.value)
+    assert plan_clients("full", bert6, {3: 0})[3].modules == bert6.full_plan()  # full ignores the budget
+
+
+def test_unknown_strategy_lists_names(bert6):
+    with pytest.raises(ValueError, match="fedpilot.*fedhello-rgd:bottleneck"):
+        plan_clients("fedmagic", bert6, {0: 10**9})
+    with pytest.raises(ValueError, match="fedhello-gd:zigzag"):
+        plan_clients("fedhello-gd:zigzag", bert6, {0: 10**9})

@@ -1,0 +1,51 @@
+import pytest
+
+from solvers import BudgetParseError, format_bytes, parse_bytes
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("6GiB", 6 * 2**30),
+        ("512MiB", 512 * 2**20),
+        ("1.5 GB", 1_500_000_000),
+        ("1e9", 1_000_000_000),
+        ("123", 123),
+        (123, 123),
+        (2.9, 2),
+        ("7 KB", 7000),
+        ("7KiB", 7168),
+        ("3g", 3 * 2**30),
+        (" 10 b ", 10),
+        ("123456789012345678", 123456789012345678),
+    ],
+)
+def test_parse_bytes(text, expected):
+    assert parse_bytes(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text", ["", "GiB", "6 gigs", "-1GiB", "abc", "1.2.3GB", -5, float("nan"), float("inf"), None, True]
+)
+def test_parse_bytes_rejects(text):
+    with pytest.raises(BudgetParseError) as info:
+        parse_bytes(text)
+    assert repr(text) in str(info.value) or str(text) in str(info.value)
+
+
+def test_budget_parse_error_is_value_error():
+    with pytest.raises(ValueError):
+        parse_bytes("lots")
+
+
+@pytest.mark.parametrize(
+    ("n", "text"),
+    [(0, "0 B"), (1023, "1023 B"), (1536, "1.5 KiB"), (int(1.2 * 2**30), "1.2 GiB"), (3 * 2**40, "3.0 TiB")],
+)
+def test_format_bytes(n, text):
+    assert format_bytes(n) == text
+
+
+def test_round_trip_binary_units():
+    for n in (5 * 2**20, 7 * 2**30, 3 * 2**10):
+        assert parse_bytes(format_bytes(n).replace(" ", "")) == n
