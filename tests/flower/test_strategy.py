@@ -230,3 +230,26 @@ def test_silent_node_counts_as_failed_and_resume_continues(tmp_path):
     rec = summary.history[-1]
     assert sampled[0] not in rec["succeeded"]
     assert "no reply" in {f["client"]: f["reason"] for f in rec["failures"]}[sampled[0]]
+
+
+def test_run_config_builds_the_federated_config(tmp_path):
+    from fedkernels.errors import ConfigError
+    from fedkernels.flower.server import config_from_run_config
+
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "fed.toml").write_text('[federated]\nmodel = "tiny-bert"\nrounds = 5\nnum_clients = 4\n')
+    cfg_ = config_from_run_config({"config": "fed.toml", "overrides": "rounds=2; seed=3",
+                                   "output-dir": str(tmp_path / "o")}, app_dir=tmp_path / "app")
+    assert (cfg_.model, cfg_.rounds, cfg_.seed, cfg_.num_clients) == ("tiny-bert", 2, 3, 4)
+    assert cfg_.output_dir == str(tmp_path / "o")
+    with pytest.raises(ConfigError, match="roundz"):
+        config_from_run_config({"config": "fed.toml", "overrides": "roundz=2"}, app_dir=tmp_path / "app")
+
+
+def test_node_budgets_are_parsed():
+    from fedkernels.errors import ConfigError
+    from fedkernels.flower.strategy import parse_budget
+
+    assert parse_budget("6GiB", 1) == 6 * 2**30 and parse_budget(12345, 1) == 12345 and parse_budget(None, 1) is None
+    with pytest.raises(ConfigError, match="node 9"):
+        parse_budget(True, 9)
