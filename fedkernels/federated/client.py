@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from fedkernels.federated.data import TokenizedData, rng_for
 from fedkernels.nn import LoRALinear
 
-__all__ = ["ClientResult", "load_adapter_state", "train_client", "count_training_bytes"]
+__all__ = ["ClientResult", "load_adapter_state", "train_client", "count_training_bytes", "inject_fault"]
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
@@ -160,3 +160,22 @@ def train_client(
         wall_s=time.perf_counter() - t0,
         bytes_down=bytes_down,
     )
+
+
+def inject_fault(kind: str | None, cid: int, res: ClientResult) -> ClientResult:
+    """Fault injection for tests and demos (``FederatedConfig.faults``): ``raise`` crashes the client, ``nan``
+    poisons one entry of its first B, ``shape`` drops a column of its first A. Shared by the in-process trainer
+    and the Flower ClientApp, so both engines see the same bad clients."""
+    if kind == "raise":
+        raise RuntimeError(f"injected fault: client {cid} crashed")
+    if kind == "nan" and res.factors:
+        m = next(iter(res.factors))
+        A, B = res.factors[m]
+        B = B.clone()
+        B.view(-1)[0] = float("nan")
+        res.factors[m] = (A, B)
+    if kind == "shape" and res.factors:
+        m = next(iter(res.factors))
+        A, B = res.factors[m]
+        res.factors[m] = (A[:, :-1].clone(), B)
+    return res

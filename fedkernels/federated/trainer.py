@@ -24,14 +24,14 @@ import torch.nn.functional as F
 from fedkernels.errors import ConfigError
 from fedkernels.federated import planning
 from fedkernels.federated.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from fedkernels.federated.client import ClientResult, train_client
+from fedkernels.federated.client import ClientResult, inject_fault, train_client
 from fedkernels.federated.config import FederatedConfig
 from fedkernels.federated.data import TokenizedData, load_dataset, partition, rng_for, tokenize
 from fedkernels.federated.model import build_model
 from fedkernels.io import atomic_write_json
 from fedkernels.nn import LoRAConfig, export_peft
 
-__all__ = ["FederatedTrainer", "RunSummary", "PRESETS"]
+__all__ = ["FederatedTrainer", "RunSummary", "PRESETS", "Prepared", "prepare"]
 
 log = logging.getLogger("fedkernels.federated")
 
@@ -57,6 +57,44 @@ class RunSummary:
     output_dir: Path
     adapter_dir: Path | None
     allocation: list[list[float]] | None = None  # clients x layers trained share, filled by `compare`
+
+
+@dataclass
+class Prepared:
+    """What both the server and every client build from a config: model, tokenised data, splits, partitions."""
+
+    tokenizer: object
+    model: torch.nn.Module
+    layers: dict
+    head_name: str
+    head: torch.nn.Module
+    data: TokenizedData
+    test_idx: np.ndarray
+    train_idx: np.ndarray
+    client_indices: list[np.ndarray]
+
+
+def prepare(cfg: FederatedConfig, dataset=None) -> Prepared:
+    """Build the seeded model, tokenise the data, hold out the test split and partition the rest over clients.
+
+    Deterministic in ``cfg`` (and ``dataset``): a Flower SuperNode calling it gets the same model and the same
+    partition as the in-process trainer.
+    """
+    ds = dataset if dataset is not None else load_dataset(cfg.dataset)
+    num_labels = ds.features["label"].num_classes
+    lora = LoRAConfig(r=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                      target_modules=list(cfg.lora_targets), backend=cfg.backend)
+    tokenizer, model, layers, head_name = build_model(cfg.model, num_labels, lora, seed=cfg.seed)
+    data = tokenize(ds, tokenizer, cfg.seq_len, cfg.max_examples, seed=cfg.seed)
+    labels = data.labels.numpy()
+    rng = rng_for(cfg.seed, 0x7E57)
+    perm = rng.permutation(len(labels))
+    n_test = max(1, int(round(cfg.test_fraction * len(labels))))
+    test_idx = np.sort(perm[:n_test])[: cfg.max_eval]
+    train_idx = np.sort(perm[n_test:])
+    parts = partition(labels[train_idx], cfg.num_clients, cfg.partition_spec(), cfg.seed)
+    return Prepared(tokenizer, model, layers, head_name, model.get_submodule(head_name), data, test_idx, train_idx,
+                    [train_idx[p] for p in parts])
 
 
 class FederatedTrainer:
@@ -88,23 +126,14 @@ class FederatedTrainer:
     # ------------------------------------------------------------------ set-up
     def _setup(self) -> None:
         cfg = self.cfg
-        ds = self._dataset if self._dataset is not None else load_dataset(cfg.dataset)
-        num_labels = ds.features["label"].num_classes
-        lora = LoRAConfig(r=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                          target_modules=list(cfg.lora_targets), backend=cfg.backend)
-        self.tokenizer, self.model, self.layers, self.head_name = build_model(cfg.model, num_labels, lora,
-                                                                             seed=cfg.seed)
-        self.head = self.model.get_submodule(self.head_name)
-        data = tokenize(ds, self.tokenizer, cfg.seq_len, cfg.max_examples, seed=cfg.seed)
-        self.data: TokenizedData = data
-        labels = data.labels.numpy()
-        rng = rng_for(cfg.seed, 0x7E57)
-        perm = rng.permutation(len(labels))
-        n_test = max(1, int(round(cfg.test_fraction * len(labels))))
-        self.test_idx = np.sort(perm[:n_test])[: cfg.max_eval]
-        train_idx = np.sort(perm[n_test:])
-        parts = partition(labels[train_idx], cfg.num_clients, cfg.partition_spec(), cfg.seed)
-        self.client_indices = [train_idx[p] for p in parts]
+        prep = prepare(cfg, self._dataset)
+        self.tokenizer, self.model, self.layers = prep.tokenizer, prep.model, prep.layers
+        self.head_name = prep.head_name
+        self.head = prep.head
+        self.data: TokenizedData = prep.data
+        self.test_idx = prep.test_idx
+        train_idx = prep.train_idx
+        self.client_indices = prep.client_indices
         self.module_names = list(self.layers)
         allocation, rule_name = PRESETS[cfg.strategy]
         self.allocation = cfg.allocation or allocation
@@ -240,7 +269,6 @@ class FederatedTrainer:
         return sorted(rng_for(self.cfg.seed, round_idx, 0x5A3).choice(n, size=m, replace=False).tolist())
 
     def _run_round(self, round_idx: int, bar) -> dict:
-        cfg = self.cfg
         timings = {"plan": 0.0, "train": 0.0, "aggregate": 0.0, "eval": 0.0}
         t = time.perf_counter()
         sampled = self.sample_clients(round_idx)
@@ -248,6 +276,17 @@ class FederatedTrainer:
         timings["plan"] = time.perf_counter() - t
 
         t = time.perf_counter()
+        results, client_log, failures = self._train_clients(round_idx, sampled, plans, bar)
+        timings["train"] = time.perf_counter() - t
+        return self._finish_round(round_idx, sampled, plans, results, client_log, failures, timings)
+
+    def _train_clients(self, round_idx: int, sampled: list[int], plans: dict, bar
+                       ) -> tuple[list[ClientResult], list[dict], list[dict]]:
+        """Local training of the sampled clients: (results, per-client log entries, failures).
+
+        The Flower engine (`fedkernels.flower`) replaces this one method by a round trip to the SuperNodes.
+        """
+        cfg = self.cfg
         results: list[ClientResult] = []
         client_log: list[dict] = []
         failures: list[dict] = []
@@ -279,8 +318,13 @@ class FederatedTrainer:
             client_log.append(entry)
             bar.advance(task)
         bar.remove_task(task)
-        timings["train"] = time.perf_counter() - t
+        return results, client_log, failures
 
+    def _finish_round(self, round_idx: int, sampled: list[int], plans: dict, results: list[ClientResult],
+                      client_log: list[dict], failures: list[dict], timings: dict) -> dict:
+        """Aggregate the results (the rule validates them), keep the global adapter if too few succeeded,
+        evaluate, and return the round's metrics record."""
+        cfg = self.cfg
         t = time.perf_counter()
         from fedkernels.aggregation import ClientUpdate
 
@@ -355,19 +399,7 @@ class FederatedTrainer:
                 w.copy_(merged)
 
     def _inject_fault(self, cid: int, round_idx: int, res: ClientResult) -> ClientResult:
-        kind = self.cfg.faults.get(str(cid))
-        if kind == "raise":
-            raise RuntimeError(f"injected fault: client {cid} crashed")
-        if kind == "nan" and res.factors:
-            m = next(iter(res.factors))
-            A, B = res.factors[m]
-            B = B.clone()
-            B.view(-1)[0] = float("nan")
-            res.factors[m] = (A, B)
-        if kind == "shape" and res.factors:
-            m = next(iter(res.factors))
-            A, B = res.factors[m]
-            res.factors[m] = (A[:, :-1].clone(), B)
+        res = inject_fault(self.cfg.faults.get(str(cid)), cid, res)
         if self.fault_hook is not None:
             res = self.fault_hook(cid, round_idx, res)
         return res
