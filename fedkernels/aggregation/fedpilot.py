@@ -30,11 +30,17 @@ __all__ = ["FedPilot", "FedPilotOptions"]
 
 @dataclass
 class FedPilotOptions(RuleOptions):
-    """``eta_max`` caps the compensation (2.0 [I]: at most doubles a module's step); ``beta`` (0.5) boosts
-    modules few clients trained; ``gamma`` (0.0) boosts modules not updated for a while."""
+    """``eta_max`` caps the compensation (2.0 [I]: at most doubles a module's step); ``beta`` boosts modules
+    few clients trained; ``gamma`` boosts modules not updated for a while.
+
+    Defaults ``beta = gamma = 0`` (per-key FedAvg over trainers): measured on the BBC demo setting (MiniLM-L6,
+    10 clients Dirichlet 0.5, 5 per round, 8 local steps, lr 5e-3, seed 0), the coverage boost ``beta=0.5``
+    made training unstable (held-out accuracy 0.60 after 4 rounds, 0.40 after 6) where ``beta=0`` reached
+    0.91 and 0.81; at lr 1e-2 (4 rounds) 0.27 vs 0.76. The compensation stays available as an option.
+    """
 
     eta_max: float = 2.0
-    beta: float = 0.5
+    beta: float = 0.0
     gamma: float = 0.0
 
     def __post_init__(self) -> None:

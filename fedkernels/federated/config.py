@@ -57,11 +57,11 @@ class FederatedConfig:
     num_clients: int = 20
     fraction: float = 0.25
     rounds: int = 4
-    local_steps: int = 4
+    local_steps: int = 8
     batch_size: int = 8
     seq_len: int = 64
     optimizer: str = "adamw"
-    lr: float = 3e-3
+    lr: float = 5e-3
     weight_decay: float = 0.0
     lora_rank: int = 8
     lora_alpha: float = 16.0

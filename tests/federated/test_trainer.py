@@ -156,11 +156,12 @@ def test_kill_minus_9_and_resume_matches_uninterrupted(tmp_path):
 @pytest.mark.slow
 def test_bbc_minilm_reduced_demo_learns_and_fedpilot_beats_bucket_baseline(tmp_path):
     """MiniLM-L6 on BBC News at reduced size: clearly above chance (0.2), fedpilot >= fedit-min."""
-    common = dict(model="minilm-l6", max_examples=700, num_clients=10, fraction=0.5, rounds=3, local_steps=4,
-                  batch_size=8, seq_len=64, max_eval=120, lr=3e-3, partition="dirichlet:0.5")
+    # Measured with this setting (seed 0, CPU): fedpilot 0.914, fedit-min 0.819 after 4 rounds.
+    common = dict(model="minilm-l6", max_examples=700, num_clients=10, fraction=0.5, rounds=4, local_steps=8,
+                  batch_size=8, seq_len=64, max_eval=120, lr=5e-3, partition="dirichlet:0.5")
     accs = {}
     for strategy in ("fedpilot", "fedit-min"):
         c = FederatedConfig(**common, strategy=strategy, output_dir=str(tmp_path / strategy))
         accs[strategy] = FederatedTrainer(c).run().final_accuracy
-    assert accs["fedpilot"] >= 0.6, accs
+    assert accs["fedpilot"] >= 0.75, accs
     assert accs["fedpilot"] >= accs["fedit-min"], accs
