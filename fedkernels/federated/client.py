@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from fedkernels.federated.data import TokenizedData, rng_for
 from fedkernels.nn import LoRALinear
 
-__all__ = ["ClientResult", "load_adapter_state", "train_client", "count_training_bytes", "inject_fault"]
+__all__ = ["ClientResult", "client_order", "load_adapter_state", "step_indices", "train_client",
+           "count_training_bytes", "inject_fault"]
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
@@ -71,6 +72,23 @@ def count_training_bytes(model: nn.Module, batch: dict, params: list[nn.Paramete
     return int(measure(model, batch, params, loss_fn=loss_fn, optimizer=optimizer).total)
 
 
+def client_order(seed: int, round_idx: int, client_id: int, indices: np.ndarray) -> tuple[int, np.ndarray]:
+    """(torch seed for dropout streams, permuted example order) of one client's local training in a round.
+
+    Derived from (seed, round, client) only, so the sequential and the parallel (`fedkernels.federated.parallel`)
+    simulations draw exactly the same batches.
+    """
+    rng = rng_for(seed, round_idx, client_id, 0xC11E)
+    torch_seed = int(rng.integers(2**62))
+    return torch_seed, rng.permutation(indices)
+
+
+def step_indices(order: np.ndarray, step: int, batch_size: int) -> np.ndarray:
+    """Example indices of local step ``step``: consecutive ``batch_size`` slices of ``order``, wrapping around."""
+    lo = (step * batch_size) % len(order)
+    return np.take(order, range(lo, lo + batch_size), mode="wrap")
+
+
 def _loss(model: nn.Module, batch: dict) -> torch.Tensor:
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     return F.cross_entropy(out.logits.float(), batch["labels"])
@@ -121,16 +139,13 @@ def train_client(
     else:
         opt = torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
 
-    rng = rng_for(seed, round_idx, client_id, 0xC11E)
-    torch.manual_seed(int(rng.integers(2**62)))  # base dropout / LoRA dropout streams
-    order = rng.permutation(indices)
+    torch_seed, order = client_order(seed, round_idx, client_id, indices)
+    torch.manual_seed(torch_seed)  # base dropout / LoRA dropout streams
     model.train()
     losses = []
     measured = None
     for step in range(local_steps):
-        lo = (step * batch_size) % len(order)
-        idx = np.take(order, range(lo, lo + batch_size), mode="wrap")
-        batch = data.batch(idx)
+        batch = data.batch(step_indices(order, step, batch_size))
         if measure_memory and step == 0:
             measured = count_training_bytes(model, batch, params, _loss, optimizer)
         loss = _loss(model, batch)

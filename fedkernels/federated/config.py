@@ -44,7 +44,9 @@ class FederatedConfig:
         min_fit_fraction: a round aggregates only if at least this share of sampled clients succeeded.
         planner_backend: solver backend for allocation plans (``dp``, ``greedy``, ``pulp``, ``cvxpy``).
         aggregation_options: extra keyword options of the aggregation rule.
-        parallel_clients: simulate this many clients per forward/backward with MultiLoRALinear (1 = off).
+        parallel_clients: simulate this many clients per forward/backward with MultiLoRALinear (1 = off;
+            see `fedkernels.federated.parallel`: clients needing a memory measurement, LoRA dropout > 0 and
+            groups that raise are trained one at a time).
         measure_memory: measure each client's training memory (saved tensors + params/grads/states).
         faults: fault injection for tests and demos: client id -> ``raise`` | ``nan`` | ``shape``.
         seed: drives partitioning, sampling, allocation, initialisation and local training.

@@ -280,13 +280,19 @@ class FederatedTrainer:
         timings["train"] = time.perf_counter() - t
         return self._finish_round(round_idx, sampled, plans, results, client_log, failures, timings)
 
-    def _train_clients(self, round_idx: int, sampled: list[int], plans: dict, bar
+    def _train_clients(self, round_idx: int, sampled: list[int], plans: dict, bar, *, sequential: bool = False
                        ) -> tuple[list[ClientResult], list[dict], list[dict]]:
         """Local training of the sampled clients: (results, per-client log entries, failures).
 
         The Flower engine (`fedkernels.flower`) replaces this one method by a round trip to the SuperNodes.
+        ``parallel_clients > 1`` hands the round to `fedkernels.federated.parallel` (``sequential`` forces
+        one client at a time: its fallback).
         """
         cfg = self.cfg
+        if cfg.parallel_clients > 1 and not sequential:
+            from fedkernels.federated.parallel import train_clients_parallel
+
+            return train_clients_parallel(self, round_idx, sampled, plans, bar)
         results: list[ClientResult] = []
         client_log: list[dict] = []
         failures: list[dict] = []
