@@ -23,8 +23,9 @@ def dropout_keep_mask(shape: torch.Size, p: float, seed: int, device: torch.devi
     """
     gen = torch.Generator(device=device)
     gen.manual_seed(int(seed))
-    keep = torch.rand(shape, generator=gen, device=device) >= p
-    return keep.to(dtype) / (1.0 - p)
+    # One buffer, updated in place (draw, compare, scale): no bool and cast temporaries of T*in elements.
+    keep = torch.rand(shape, generator=gen, device=device, dtype=dtype if dtype.is_floating_point else None)
+    return keep.ge_(p).mul_(1.0 / (1.0 - p)).to(dtype)
 
 
 def _check_shapes(x, weight, bias, lora_A, lora_B, rank_mask) -> None:
