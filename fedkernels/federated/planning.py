@@ -80,6 +80,17 @@ class Planner:
             optimizer=cfg.optimizer,
             always_trainable=list(head_params or []),
         )
+        if allocation.startswith(("fedpilot", "fedhello-fim")):
+            # Module values for the knapsack / FIM clusters: empirical-Fisher mass of each module's factors
+            # on a probe batch, normalised to sum 1 [I]. Fed-pilot's IG-score mixes this local signal with
+            # global update norms (algorithms.md sec. 1); plans are fixed after round 1 here, so only the
+            # probe's Fisher term is used. At round 0 B = 0, so the mass comes from the B factors.
+            from solvers.importance import fisher_scores
+
+            scores = fisher_scores(model, [calibration_batch], {m: [l.lora_A, l.lora_B] for m, l in layers.items()},
+                                   loss_fn=_classification_loss)
+            total = sum(scores.values())
+            self.importance = {m: v / total for m, v in scores.items()} if total > 0 else None
         model.train(was_training)
 
     # budgets ---------------------------------------------------------------
