@@ -274,13 +274,21 @@ class AggregationRule:
         """Factors client ``client_id`` starts from under ``plan``: the global factors truncated to the planned rank."""
         out: Factors = {}
         for m, r in plan.items():
-            if m not in global_state.factors:
-                raise UnknownModuleError(f"client {client_id}: planned module {m!r} is not in the global adapter")
-            A, B = global_state.factors[m]
-            if not 0 < r <= A.shape[0]:
-                raise RankError(f"client {client_id}, module {m!r}: planned rank {r} outside 1..{A.shape[0]}")
+            A, B = self.planned_factors(global_state, client_id, m, r)
             out[m] = (A[:r].clone(), B[:, :r].clone())
         return out
+
+    @staticmethod
+    def planned_factors(
+        global_state: GlobalState, client_id: int, module: str, rank: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The global (A, B) of a planned module, after checking the module exists and the rank fits."""
+        if module not in global_state.factors:
+            raise UnknownModuleError(f"client {client_id}: planned module {module!r} is not in the global adapter")
+        A, B = global_state.factors[module]
+        if not 0 < rank <= A.shape[0]:
+            raise RankError(f"client {client_id}, module {module!r}: planned rank {rank} outside 1..{A.shape[0]}")
+        return A, B
 
     # -------------------------------------------------------------- for subclasses
     def _aggregate(self, state: GlobalState, updates: list[ClientUpdate], plans: dict[int, dict[str, int]],

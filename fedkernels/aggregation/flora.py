@@ -28,7 +28,7 @@ from fedkernels.aggregation.base import (
     compute_dtype,
     note_untrained,
 )
-from fedkernels.errors import ConfigError, RankError, UnknownModuleError
+from fedkernels.errors import ConfigError
 from fedkernels.ops.aggregation import stack_lora
 
 __all__ = ["FLoRA", "FLoRAOptions", "fresh_A"]
@@ -84,11 +84,7 @@ class FLoRA(AggregationRule):
     def start_for(self, global_state: GlobalState, client_id: int, plan: dict[str, int]) -> Factors:
         out: Factors = {}
         for m, r in plan.items():
-            if m not in global_state.factors:
-                raise UnknownModuleError(f"client {client_id}: planned module {m!r} is not in the global adapter")
-            gA, gB = global_state.factors[m]
-            if not 0 < r <= gA.shape[0]:
-                raise RankError(f"client {client_id}, module {m!r}: planned rank {r} outside 1..{gA.shape[0]}")
+            gA, gB = self.planned_factors(global_state, client_id, m, r)
             A = fresh_A(r, gA.shape[1], seed=self.options.seed, round_idx=global_state.round, client=int(client_id),
                         module=m, dtype=gA.dtype, device=gA.device)
             out[m] = (A, gB.new_zeros(gB.shape[0], r))

@@ -67,9 +67,6 @@ class HetLoRA(AggregationRule):
     name = "hetlora"
     Options = HetLoRAOptions
 
-    def raw_weight(self, u: ClientUpdate) -> float:
-        return 1.0 if self.options.weighting == "uniform" else float(u.num_samples)
-
     def _pruned(self, state: GlobalState, cid: int, m: str) -> int | None:
         return state.extra.get("pruned_ranks", {}).get(str(cid), {}).get(m)
 
