@@ -24,6 +24,23 @@ def base_weight_view(base: nn.Module) -> torch.Tensor:
     return base.weight.T if _is_conv1d(base) else base.weight
 
 
+def _check_wrappable(base: nn.Module, wrapper: str) -> None:
+    if not isinstance(base, nn.Linear) and not _is_conv1d(base):
+        raise TypeError(f"{wrapper} wraps nn.Linear or transformers Conv1D, got {type(base).__name__}")
+
+
+def adopt_frozen_base(layer: nn.Module, base: nn.Module) -> torch.Tensor:
+    """Make ``base`` the frozen ``layer.base_layer``, record its orientation and (out, in) features; return its
+    ``[out, in]`` weight view (adapters are allocated on its device and dtype)."""
+    layer.base_layer = base
+    for p in base.parameters():
+        p.requires_grad_(False)
+    layer.fan_in_fan_out = _is_conv1d(base)
+    weight = base_weight_view(base)
+    layer.out_features, layer.in_features = int(weight.shape[0]), int(weight.shape[1])
+    return weight
+
+
 class LoRALinear(nn.Module):
     """A frozen linear layer plus a LoRA adapter of maximum rank ``r`` whose active ranks can be masked.
 
@@ -56,20 +73,14 @@ class LoRALinear(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        if not isinstance(base, nn.Linear) and not _is_conv1d(base):
-            raise TypeError(f"LoRALinear wraps nn.Linear or transformers Conv1D, got {type(base).__name__}")
+        _check_wrappable(base, "LoRALinear")
         if int(r) < 1:
             raise RankError(f"LoRA rank r must be >= 1, got {r!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
-        self.base_layer = base
-        for p in base.parameters():
-            p.requires_grad_(False)
-        self.fan_in_fan_out = _is_conv1d(base)
-        weight = base_weight_view(base)
-        self.out_features, self.in_features = int(weight.shape[0]), int(weight.shape[1])
+        weight = adopt_frozen_base(self, base)
         self.r = int(r)
         self.alpha = float(alpha if alpha is not None else r)
         self.use_rslora = bool(use_rslora)

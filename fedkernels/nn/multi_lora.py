@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from fedkernels.errors import ConfigError, RankError, ShapeError, UnknownModuleError
 from fedkernels.nn.inject import _set_submodule, lora_modules
-from fedkernels.nn.lora import LoRALinear, _is_conv1d, base_weight_view
+from fedkernels.nn.lora import LoRALinear, _check_wrappable, adopt_frozen_base, base_weight_view
 from fedkernels.ops._backend import BACKENDS
 from fedkernels.ops.multi_lora import MultiLoRAMeta, build_meta, multi_lora_linear
 
@@ -117,20 +117,14 @@ class MultiLoRALinear(nn.Module):
         router: ClientRouter | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(base, nn.Linear) and not _is_conv1d(base):
-            raise TypeError(f"MultiLoRALinear wraps nn.Linear or transformers Conv1D, got {type(base).__name__}")
+        _check_wrappable(base, "MultiLoRALinear")
         if int(num_clients) < 1:
             raise ConfigError(f"num_clients must be >= 1, got {num_clients!r}")
         if int(r) < 1:
             raise RankError(f"LoRA rank r must be >= 1, got {r!r}")
         if backend not in BACKENDS:
             raise ConfigError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
-        self.base_layer = base
-        for p in base.parameters():
-            p.requires_grad_(False)
-        self.fan_in_fan_out = _is_conv1d(base)
-        weight = base_weight_view(base)
-        self.out_features, self.in_features = int(weight.shape[0]), int(weight.shape[1])
+        weight = adopt_frozen_base(self, base)
         self.num_clients, self.r = int(num_clients), int(r)
         self.backend, self.deterministic = backend, bool(deterministic)
         self.router = router
