@@ -311,6 +311,14 @@ def _segments(meta: MultiLoRAMeta, keep) -> _Segments | None:
                      max(lens[i] for i in idx))
 
 
+def _sum_partials(parts: torch.Tensor) -> torch.Tensor:
+    """Sum the per-split partials along dim 0 in a fixed order: bitwise reproducible (no atomics)."""
+    acc = parts[0].clone()
+    for i in range(1, parts.shape[0]):
+        acc += parts[i]
+    return acc
+
+
 def shrink(
     x: torch.Tensor, w: torch.Tensor, w_strides: tuple[int, int, int], meta: MultiLoRAMeta, segs: _Segments,
     ranks: torch.Tensor, scales: torch.Tensor | None, max_rank: int, cfg: MultiLoRAConfig, *, deterministic: bool,
@@ -335,13 +343,7 @@ def shrink(
         HAS_SCALE=scales is not None, PRECISION=_precision(x.dtype), num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
-    if out.dim() == 3:
-        # fixed-order sum of the split partials: bitwise reproducible
-        acc = out[0].clone()
-        for i in range(1, split):
-            acc += out[i]
-        out = acc
-    return out
+    return _sum_partials(out) if out.dim() == 3 else out
 
 
 def expand(
@@ -382,12 +384,7 @@ def segment_grad(
         HAS_SCALE=scales is not None, PRECISION=_precision(q.dtype), num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
-    if out.dim() == 4:
-        acc = out[0].clone()
-        for i in range(1, split):
-            acc += out[i]
-        out = acc
-    return out
+    return _sum_partials(out) if out.dim() == 4 else out
 
 
 # ---------------------------------------------------------------------------------------------- autograd
