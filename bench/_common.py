@@ -52,12 +52,16 @@ def cpu_threads() -> int:
 
 
 def sample_interleaved(fns: dict[str, Callable[[], Any]], *, device: torch.device, rounds: int = 15,
-                       warmup: int = 2) -> dict[str, list[float]]:
+                       warmup: int = 2, rewarm: bool = False) -> dict[str, list[float]]:
     """Seconds of each call of each candidate, measured round-robin in the same process.
 
     Round-robin (base, ours, peft, base, ours, ...) spreads slow phases of a shared machine (our CPU box has
     2 cores shared with other jobs, +-30%) evenly over the candidates, so their ratios stay meaningful. On CUDA
     each round times one call between synchronisations; use `cuda_median_ms` for launch-bound sizes.
+
+    ``rewarm=True`` makes one untimed call of a candidate right before its timed one in every round, so each
+    is timed warm (caches, TLB, allocator state of its own previous call) rather than right after a different
+    candidate that evicted everything: a 20 ms call timed right after a 2 s dense SVD ran 2-4 ms slower.
     """
     for fn in fns.values():
         for _ in range(warmup):
@@ -66,6 +70,9 @@ def sample_interleaved(fns: dict[str, Callable[[], Any]], *, device: torch.devic
     samples: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
+            if rewarm:
+                fn()
+                _sync(device)
             t0 = time.perf_counter()
             fn()
             _sync(device)
@@ -74,12 +81,13 @@ def sample_interleaved(fns: dict[str, Callable[[], Any]], *, device: torch.devic
 
 
 def time_interleaved(fns: dict[str, Callable[[], Any]], *, device: torch.device, rounds: int = 15,
-                     warmup: int = 2, stat: str = "median") -> dict[str, float]:
+                     warmup: int = 2, stat: str = "median", rewarm: bool = False) -> dict[str, float]:
     """``stat`` ("median" or "min") seconds per call of each candidate, from `sample_interleaved`."""
     if stat not in ("median", "min"):
         raise ValueError(f"stat must be 'median' or 'min', got {stat!r}")
     pick = statistics.median if stat == "median" else min
-    return {k: pick(v) for k, v in sample_interleaved(fns, device=device, rounds=rounds, warmup=warmup).items()}
+    samples = sample_interleaved(fns, device=device, rounds=rounds, warmup=warmup, rewarm=rewarm)
+    return {k: pick(v) for k, v in samples.items()}
 
 
 def cuda_median_ms(fn: Callable[[], Any]) -> float:

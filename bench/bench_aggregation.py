@@ -5,15 +5,18 @@ modules of d = k (1024, 2048 on the CPU; 4096 on a GPU), fp32 factors, FedAvg we
 
 - ``flexlora``: `fedkernels.ops.flexlora_redistribute` (stack + QR-of-factors SVD + 11 rank-r splits, batched over
   modules) vs a loop of ``torch.linalg.svd(B_stack @ A_stack)`` over the same modules (what FlexLoRA's code does).
-  The dense SVD costs ~4 s per 2048^2 module on one core, so the comparison runs on a subset of modules
+  The dense SVD costs ~2 s per 2048^2 module on one core, so the comparison runs on a subset of modules
   (``COMPARE_MODULES``) and the per-module ratio is reported; the full 32 x 7 = 224-module round is timed for the
   QR route alone (`fedkernels.aggregation` "flexlora" rule, end to end).
 - ``merge``: `fedkernels.ops.merge_stacked` (one baddbmm / one Triton launch over 32 modules) vs a per-client loop
   of ``W += p_k s_k B_k A_k``.
 - accuracy: fp32 QR-route singular values vs float64 dense ones.
 
-Timings are medians of round-robin runs (candidates interleaved, so load from other jobs on this shared 2-core box
-hits all of them alike). torch runs with ``BENCH_THREADS`` threads (default 1: with 2 threads on a box shared with
+Timings are medians of ``BENCH_ROUNDS`` (default 5) round-robin rounds (candidates interleaved, so load from other
+jobs on this shared 2-core box hits all of them alike); in the FlexLoRA comparison each candidate runs once untimed
+right before its timed call, so both are timed warm, as in a real round where module after module goes through
+the same route (timed right after a 2 s dense SVD, the 20 ms QR route ran 2-4 ms slower).
+torch runs with ``BENCH_THREADS`` threads (default 1: with 2 threads on a box shared with
 other jobs OpenMP barriers made timings vary 5-20x). Results: ``bench/results/<device>-aggregation.json``.
 
 Run: ``PYTHONPATH=$PWD python -m pytest bench/bench_aggregation.py --benchmark-enable -q``
@@ -24,7 +27,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +34,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench._common import time_interleaved
 from fedkernels import aggregation
 from fedkernels.ops import factor_svd, flexlora_redistribute, merge_stacked, stack_lora
 
@@ -44,6 +47,7 @@ DIMS = [4096] if DEVICE.type == "cuda" else [1024, 2048]
 COMPARE_MODULES = {1024: 4, 2048: 2, 4096: 2}
 LAYERS, MODULES_PER_LAYER = 32, 7
 MERGE_MODULES = 32
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
 RESULTS: dict[str, dict] = {}
 
 
@@ -74,25 +78,9 @@ def _threads_and_results():
         RESULTS_FILE.write_text(json.dumps({"meta": meta, "results": merged}, indent=2) + "\n")
 
 
-def _sync() -> None:
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def interleaved(fns: dict[str, Callable[[], object]], rounds: int, warmup: int = 1) -> dict[str, float]:
-    """Median seconds per call of each candidate, run round-robin in this process."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    _sync()
-    samples: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            _sync()
-            samples[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in samples.items()}
+def interleaved(fns: dict[str, Callable[[], object]], rounds: int, rewarm: bool = False) -> dict[str, float]:
+    """Median seconds per call of each candidate, run round-robin in this process (see `_common`)."""
+    return time_interleaved(fns, device=DEVICE, rounds=rounds, warmup=1, rewarm=rewarm)
 
 
 def clients(M: int, d: int, seed: int = 0, dtype=torch.float32):
@@ -130,7 +118,7 @@ def test_flexlora_qr_vs_dense_svd(benchmark, d):
     def ours():
         return flexlora_redistribute(As, Bs, w, ranks, scales=out_scales)
 
-    t = interleaved({"qr": ours, "dense": lambda: dense_flexlora(A_s, B_s, scales)}, rounds=3)
+    t = interleaved({"qr": ours, "dense": lambda: dense_flexlora(A_s, B_s, scales)}, rounds=ROUNDS, rewarm=True)
     benchmark.pedantic(ours, rounds=3, warmup_rounds=1)
     # accuracy of the fp32 QR route against float64 dense singular values (first module)
     _, s32, _ = factor_svd(B_s[:1], A_s[:1])

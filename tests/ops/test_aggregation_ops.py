@@ -143,3 +143,131 @@ def test_factor_svd_float32_close_to_float64():
     S64 = torch.linalg.svdvals(B_s @ A_s)[:28]
     assert S32.dtype == torch.float32
     assert float(((S32.double() - S64).abs() / S64).max()) < 1e-5
+
+
+# --- factor_svd: GEMM route for the vectors, reflector (ormqr) fallback ---------------------------------------
+
+
+def _orth_err(U: torch.Tensor, Vh: torch.Tensor) -> float:
+    k = U.shape[-1]
+    eye = torch.eye(k, dtype=torch.float64)
+    return max(float((U.double().transpose(-1, -2) @ U.double() - eye).abs().max()),
+               float((Vh.double() @ Vh.double().transpose(-1, -2) - eye).abs().max()))
+
+
+def _count_reflector_calls(monkeypatch) -> list[int]:
+    from fedkernels.ops import aggregation as agg
+
+    calls: list[int] = []
+    real = agg._apply_q
+
+    def spy(a, tau, X):
+        calls.append(a.shape[0])
+        return real(a, tau, X)
+
+    monkeypatch.setattr(agg, "_apply_q", spy)
+    return calls
+
+
+@pytest.mark.parametrize("k", [None, 4])
+def test_factor_svd_gemm_route_equals_reflector_route(k, monkeypatch):
+    As, Bs = _clients([3, 6, 4], d_out=40, d_in=29, lead=(3,))
+    A_s, B_s = stack_lora(As, Bs, [0.2, 0.5, 0.3])
+    calls = _count_reflector_calls(monkeypatch)
+    U, S, Vh = factor_svd(B_s, A_s, k=k)
+    assert calls == []  # well-conditioned random factors: the vectors come from the two GEMMs
+    Ur, Sr, Vhr = factor_svd(B_s, A_s, k=k, orth_tol=0.0)  # forced reflector route
+    assert calls == [3, 3]
+    torch.testing.assert_close(S, Sr, rtol=1e-12, atol=1e-12)
+    # same singular subspaces: the rank-k reconstructions agree, and both are orthonormal
+    torch.testing.assert_close(U @ torch.diag_embed(S) @ Vh, Ur @ torch.diag_embed(Sr) @ Vhr, rtol=1e-10, atol=1e-10)
+    assert _orth_err(U, Vh) < 1e-12 and _orth_err(Ur, Vhr) < 1e-12
+
+
+def test_factor_svd_cancelling_clients_fall_back_to_reflectors(monkeypatch):
+    """Client 2 nearly undoes client 1 (fp32): dividing the GEMMs by the tiny s_j would cost orthogonality
+    (measured 1e-3 without the check); the module takes the reflector route and stays orthonormal."""
+    g = torch.Generator().manual_seed(3)
+    d, r = 256, 16
+    A1 = torch.randn(r, d, generator=g) / d**0.5
+    B1 = torch.randn(d, r, generator=g) * 0.02
+    A2 = A1 + 1e-4 * torch.randn(r, d, generator=g) / d**0.5
+    B2 = -B1 + 1e-4 * torch.randn(d, r, generator=g) * 0.02
+    good_As, good_Bs = [torch.randn(r, d, generator=g) / d**0.5, A1], [torch.randn(d, r, generator=g) * 0.02, B1]
+    # module 0: well-conditioned pair; module 1: the cancelling pair
+    As = [torch.stack([good_As[0], A1]), torch.stack([good_As[1], A2])]
+    Bs = [torch.stack([good_Bs[0], B1]), torch.stack([good_Bs[1], B2])]
+    A_s, B_s = stack_lora(As, Bs, [1.0, 1.0])
+    calls = _count_reflector_calls(monkeypatch)
+    U, S, Vh = factor_svd(B_s, A_s, k=8)
+    assert calls == [1, 1]  # only the cancelling module was redone
+    assert _orth_err(U[1], Vh[1]) < 1e-5 and _orth_err(U[0], Vh[0]) < 1e-5
+    S64 = torch.linalg.svdvals(B_s.double() @ A_s.double())[..., :8]
+    # singular values are exact either way (they come from the core SVD)
+    assert float(((S.double() - S64).abs() / S64).max()) < 1e-2  # module 1 is ill-conditioned in fp32
+    assert float(((S[0].double() - S64[0]).abs() / S64[0]).max()) < 1e-5
+
+
+def test_factor_svd_rejects_negative_orth_tol():
+    As, Bs = _clients([2, 3])
+    A_s, B_s = stack_lora(As, Bs, [0.5, 0.5])
+    with pytest.raises(ValueError, match="orth_tol"):
+        factor_svd(B_s, A_s, orth_tol=-1.0)
+
+
+# --- scratch buffers: reused, never visible in the results ----------------------------------------------------
+
+
+def test_flexlora_results_do_not_alias_scratch():
+    from fedkernels.ops import _scratch
+
+    As, Bs = _clients([3, 5], d_out=33, d_in=27, lead=(2,), dtype=torch.float32)
+    first = flexlora_redistribute(As, Bs, [0.4, 0.6], [2, 4])
+    kept = [(A.clone(), B.clone()) for A, B in first]
+    held = {k: v.data_ptr() for k, v in _scratch._HELD.buffers.items()}
+    assert {"flexlora.A", "flexlora.B", "factor_svd.A", "factor_svd.B"} <= set(held)
+    As2, Bs2 = _clients([3, 5], d_out=33, d_in=27, lead=(2,), dtype=torch.float32)
+    flexlora_redistribute(As2, Bs2, [0.5, 0.5], [2, 4])
+    assert {k: v.data_ptr() for k, v in _scratch._HELD.buffers.items()} == held  # reused, not reallocated
+    for (A, B), (A0, B0) in zip(first, kept, strict=True):  # a later call did not overwrite earlier results
+        assert torch.equal(A, A0) and torch.equal(B, B0)
+    scratch_ptrs = set(held.values())
+    assert not any(t.untyped_storage().data_ptr() in scratch_ptrs for pair in first for t in pair)
+
+
+def test_scratch_cap_and_release_keep_results(monkeypatch):
+    from fedkernels.ops import _scratch
+
+    As, Bs = _clients([3, 5], d_out=33, d_in=27, dtype=torch.float32)
+    ref = flexlora_redistribute(As, Bs, [0.4, 0.6], [2, 4])
+    _scratch.release_scratch()
+    assert _scratch.scratch_bytes() == 0
+    monkeypatch.setenv("FEDKERNELS_SCRATCH_MB", "0")  # nothing may be kept: fresh tensors, same numbers
+    out = flexlora_redistribute(As, Bs, [0.4, 0.6], [2, 4])
+    assert _scratch.scratch_bytes() == 0
+    for (A, B), (A0, B0) in zip(out, ref, strict=True):
+        assert torch.equal(A, A0) and torch.equal(B, B0)
+    monkeypatch.setenv("FEDKERNELS_SCRATCH_MB", "lots")
+    with pytest.raises(ValueError, match="FEDKERNELS_SCRATCH_MB"):
+        flexlora_redistribute(As, Bs, [0.4, 0.6], [2, 4])
+
+
+def test_scratch_is_per_thread():
+    import threading
+
+    from fedkernels.ops import _scratch
+
+    As, Bs = _clients([3, 5], d_out=33, d_in=27, dtype=torch.float32)
+    flexlora_redistribute(As, Bs, [0.4, 0.6], [2, 4])
+    mine = _scratch._HELD.buffers["flexlora.A"].data_ptr()
+    seen = {}
+
+    def work():
+        flexlora_redistribute(As, Bs, [0.4, 0.6], [2, 4])
+        seen["ptr"] = _scratch._HELD.buffers["flexlora.A"].data_ptr()
+        _scratch.release_scratch()
+
+    t = threading.Thread(target=work)
+    t.start()
+    t.join()
+    assert seen["ptr"] != mine and _scratch._HELD.buffers["flexlora.A"].data_ptr() == mine
