@@ -40,8 +40,10 @@ from fedkernels.ops import factor_svd, flexlora_redistribute, merge_stacked, sta
 
 THREADS = int(os.environ.get("BENCH_THREADS", "1"))
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-CLIENT_RANKS = [4, 4, 8, 8, 16, 16, 32, 32, 64, 64]
-R_GLOBAL = 64
+# issue 4's setting; BENCH_CLIENT_RANKS="4,4,8,8,16,16,32,32" reproduces the kernels.md prototype's (S = 120)
+CLIENT_RANKS = [int(r) for r in os.environ.get("BENCH_CLIENT_RANKS", "4,4,8,8,16,16,32,32,64,64").split(",")]
+R_GLOBAL = max(CLIENT_RANKS)
+DEFAULT_SETTING = CLIENT_RANKS == [4, 4, 8, 8, 16, 16, 32, 32, 64, 64]
 ALPHA = 16.0
 DIMS = [4096] if DEVICE.type == "cuda" else [1024, 2048]
 COMPARE_MODULES = {1024: 4, 2048: 2, 4096: 2}
@@ -127,16 +129,18 @@ def test_flexlora_qr_vs_dense_svd(benchmark, d):
     top = slice(0, R_GLOBAL)
     rel_top = float(((s32[top] - s64[top]).abs() / s64[top]).max())
     rel_all = float((s32 - s64).abs().max() / s64[0])
-    RESULTS[f"flexlora_d{d}" + (f"_threads{THREADS}" if THREADS != 1 else "")] = {
-        "modules_compared": M, "stacked_rank": sum(CLIENT_RANKS),
+    key = f"flexlora_d{d}" + (f"_threads{THREADS}" if THREADS != 1 else "")
+    key += "" if DEFAULT_SETTING else f"_S{sum(CLIENT_RANKS)}"
+    RESULTS[key] = {
+        "modules_compared": M, "stacked_rank": sum(CLIENT_RANKS), "client_ranks": CLIENT_RANKS,
         "qr_route_s_per_module": t["qr"] / M, "dense_svd_s_per_module": t["dense"] / M,
         "speedup": t["dense"] / t["qr"],
-        "sv_max_rel_err_top64_vs_fp64": rel_top, "sv_max_err_over_smax_all_vs_fp64": rel_all,
-        "target_100x_at_2048_met": (t["dense"] / t["qr"] >= 100) if d == 2048 else None,
+        "sv_max_rel_err_top_global_rank_vs_fp64": rel_top, "sv_max_err_over_smax_all_vs_fp64": rel_all,
+        "target_100x_at_2048_met": (t["dense"] / t["qr"] >= 100) if d == 2048 and DEFAULT_SETTING else None,
         "loadavg_1min": os.getloadavg()[0], "threads": THREADS,
     }
     print(f"\nd={d}: QR route {t['qr'] / M * 1e3:.1f} ms/module, dense SVD {t['dense'] / M * 1e3:.0f} ms/module, "
-          f"x{t['dense'] / t['qr']:.0f}; sv rel err top-64 {rel_top:.2e}, all/smax {rel_all:.2e}")
+          f"x{t['dense'] / t['qr']:.0f}; sv rel err top-{R_GLOBAL} {rel_top:.2e}, all/smax {rel_all:.2e}")
     assert rel_top < 1e-5
     # The >= 100x target (issue 4) is recorded, not asserted: on this shared 2-core box the ratio moves with the
     # other jobs' load (74x at load 7, 98x at load 4 in our runs); a 10x floor still catches a broken route.

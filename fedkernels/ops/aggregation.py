@@ -191,6 +191,11 @@ def factor_svd(
         ``U @ diag(S) @ Vh == B_stack @ A_stack`` up to rounding when ``k = K``. Works for zero factors (round 0:
         S = 0).
     """
+    return _factor_svd(B_stack, A_stack, k, compute_dtype, orth_tol, vector_roles=None)
+
+
+def _factor_svd(B_stack, A_stack, k, compute_dtype, orth_tol, vector_roles: tuple[str, str] | None):
+    """`factor_svd`; ``vector_roles`` puts U and Vh in reused scratch (for callers that only read them)."""
     if B_stack.shape[-1] != A_stack.shape[-2] or B_stack.shape[:-2] != A_stack.shape[:-2]:
         raise ShapeError(f"factor_svd: B {tuple(B_stack.shape)} and A {tuple(A_stack.shape)} do not pair")
     dtype = compute_dtype or torch.promote_types(torch.promote_types(B_stack.dtype, A_stack.dtype), torch.float32)
@@ -206,9 +211,14 @@ def factor_svd(
     k = K if k is None else max(0, min(int(k), K))
     Uck, Vck, sk = Uc[..., :, :k], Vch[..., :k, :].transpose(-1, -2), s[..., :k]
     lead = s.shape[:-1]
+    u_shape, vh_shape = (*lead, B.shape[-2], k), (*lead, k, A.shape[-1])
+    if vector_roles is None:
+        U, Vh = B.new_empty(u_shape), B.new_empty(vh_shape)
+    else:
+        U, Vh = (scratch(r, sh, dtype, B.device) for r, sh in zip(vector_roles, (u_shape, vh_shape), strict=True))
     if tol > 0 and k > 0:
-        U = (B @ (Ra.transpose(-1, -2) @ Vck)).div_(sk[..., None, :])  # in place: no second fresh [out, k]
-        Vh = ((Uck.transpose(-1, -2) @ Rb) @ A).div_(sk[..., :, None])
+        torch.matmul(B, Ra.transpose(-1, -2) @ Vck, out=U).div_(sk[..., None, :])
+        torch.matmul(Uck.transpose(-1, -2) @ Rb, A, out=Vh).div_(sk[..., :, None])
         eye = torch.eye(k, dtype=dtype, device=s.device)
         dev = torch.maximum(
             (U.transpose(-1, -2) @ U - eye).abs().amax(dim=(-2, -1)),
@@ -216,16 +226,13 @@ def factor_svd(
         )
         redo = ~(dev <= tol)  # NaN (0/0 in round 0) counts as failed
     else:
-        U = B.new_empty(*lead, B.shape[-2], k)
-        Vh = B.new_empty(*lead, k, A.shape[-1])
         redo = torch.ones(lead, dtype=torch.bool, device=s.device)
     if k > 0 and bool(redo.any()):
         flat = lambda t: t.reshape(-1, *t.shape[-2:])  # noqa: E731
         i = redo.reshape(-1).nonzero().squeeze(-1)
-        Uf, Vhf = flat(U), flat(Vh)
+        Uf, Vhf = flat(U), flat(Vh)  # views: U and Vh are contiguous
         Uf[i] = _apply_q(flat(ab)[i], tb.reshape(-1, tb.shape[-1])[i], flat(Uck)[i])
         Vhf[i] = _apply_q(flat(aa)[i], ta.reshape(-1, ta.shape[-1])[i], flat(Vck)[i]).transpose(-1, -2)
-        U, Vh = Uf.reshape(U.shape), Vhf.reshape(Vh.shape)
     return U, sk, Vh
 
 
@@ -260,7 +267,8 @@ def flexlora_redistribute(
             raise RankError(f"flexlora_redistribute: target {i} has rank {r!r}; ranks must be non-negative integers")
     # the stacks are temporaries here: reused scratch pages instead of fresh ones (see fedkernels.ops._scratch)
     A_stack, B_stack = _stack_into(As, Bs, weights, scratch_roles=("flexlora.A", "flexlora.B"))
-    U, s, Vh = factor_svd(B_stack, A_stack, k=max(ranks, default=0), compute_dtype=compute_dtype)
+    U, s, Vh = _factor_svd(B_stack, A_stack, max(ranks, default=0), compute_dtype, None,
+                           vector_roles=("flexlora.U", "flexlora.Vh"))
     K = s.shape[-1]
     out_dtype = As[0].dtype
     res = []
