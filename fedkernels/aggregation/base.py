@@ -20,6 +20,7 @@ import dataclasses
 import json
 import math
 import numbers
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -289,6 +290,12 @@ class AggregationRule:
         if not 0 < rank <= A.shape[0]:
             raise RankError(f"client {client_id}, module {module!r}: planned rank {rank} outside 1..{A.shape[0]}")
         return A, B
+
+    def local_penalty(self, client_id: int) -> Callable[[Factors], torch.Tensor] | None:
+        """A term client ``client_id`` adds to its local loss, as a function of its live (differentiable) factors
+        ``{module: (A [r, in], B [out, r])}`` at their active ranks; ``None`` (the default) for no term. It
+        depends on the rule's options only, so a remote client (Flower) builds the same term from the config."""
+        return None
 
     # -------------------------------------------------------------- for subclasses
     def _aggregate(self, state: GlobalState, updates: list[ClientUpdate], plans: dict[int, dict[str, int]],

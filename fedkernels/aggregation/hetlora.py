@@ -6,15 +6,17 @@ Server (algorithms.md sec. 5, [P]): zero-pad every trainer's A rows / B columns 
 If every trainer's norm is zero (B = 0, nothing learnt) the weights fall back to sample counts (noted).
 
 Rank self-pruning ([R], optional, ``prune_gamma`` in (0, 1)): the paper regularises the tail
-``||B[:, g:r] A[g:r]||`` (g = floor(gamma r)) on the client and, if that tail norm shrank since the previous round,
-sets ``r <- max(r_min, g)``. The regulariser is client-side and not implemented here; the server keeps the
-tail norms and pruned ranks in ``GlobalState.extra`` ([I]): a pruned client's rows beyond its pruned rank are
-dropped from its update and zeroed in its next start, so it trains (and sends) only the kept ranks.
+``||B[:, g:r] A[g:r]||_F`` (g = floor(gamma r)) on the client and, if that tail norm shrank since the previous
+round, sets ``r <- max(r_min, g)``. The client-side term is `HetLoRA.local_penalty` (``tail_penalty`` = lambda,
+default 0: no term; the trainer adds it to each client's loss); the server keeps the tail norms and pruned ranks
+in ``GlobalState.extra`` ([I]): a pruned client's rows beyond its pruned rank are dropped from its update and
+zeroed in its next start, so it trains (and sends) only the kept ranks.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -45,11 +47,15 @@ def product_norm(B: torch.Tensor, A: torch.Tensor) -> float:
 @dataclass
 class HetLoRAOptions(RuleOptions):
     """``weighting``: "norm" (paper), "norm_samples" (norm times n_k) or "samples"/"uniform";
-    ``prune_gamma``: None (no self-pruning) or the factor gamma in (0, 1); ``prune_min_rank``: lower bound r_min."""
+    ``prune_gamma``: None (no self-pruning) or the factor gamma in (0, 1); ``prune_min_rank``: lower bound r_min;
+    ``tail_penalty``: lambda of the client-side term ``lambda * sum_modules ||B[:, g:r] A[g:r]||_F`` (needs
+    ``prune_gamma``; 0 = no term). The paper leaves lambda to tuning ([R]); the norm is of the raw factors, without
+    the LoRA scale, as written in the paper."""
 
     weighting: str = "norm"
     prune_gamma: float | None = None
     prune_min_rank: int = 1
+    tail_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         if self.weighting not in ("norm", "norm_samples", "samples", "uniform"):
@@ -61,6 +67,11 @@ class HetLoRAOptions(RuleOptions):
             raise ConfigError(f"hetlora prune_gamma must be None or in (0, 1), got {self.prune_gamma!r}")
         if isinstance(self.prune_min_rank, bool) or not isinstance(self.prune_min_rank, int) or self.prune_min_rank < 1:
             raise ConfigError(f"hetlora prune_min_rank must be an integer >= 1, got {self.prune_min_rank!r}")
+        lam = self.tail_penalty
+        if isinstance(lam, bool) or not isinstance(lam, int | float) or not 0 <= lam < math.inf:
+            raise ConfigError(f"hetlora tail_penalty must be a finite number >= 0, got {lam!r}")
+        if lam > 0 and g is None:
+            raise ConfigError(f"hetlora tail_penalty={lam!r} needs prune_gamma (it defines the tail g = gamma r)")
 
 
 class HetLoRA(AggregationRule):
@@ -87,7 +98,7 @@ class HetLoRA(AggregationRule):
                 keep = pruned.get(str(u.client_id), {}).get(m)
                 if o.prune_gamma is not None:  # decide first: a client prunes before it sends (paper, [R])
                     r_eff = A.shape[0] if keep is None else min(keep, A.shape[0])
-                    g = max(o.prune_min_rank, math.floor(o.prune_gamma * r_eff))
+                    g = self.tail_start(r_eff)
                     tail = product_norm(B[:, g:r_eff], A[g:r_eff]) * state.scales[m]
                     prev = tails.get(str(u.client_id), {}).get(m)
                     if prev is not None and tail < prev and g < r_eff:
@@ -115,6 +126,35 @@ class HetLoRA(AggregationRule):
         if o.prune_gamma is not None:
             state.extra["pruned_ranks"] = pruned
             state.extra["tail_norms"] = tails
+
+    def tail_start(self, rank: int) -> int:
+        """g = max(r_min, floor(gamma r)): the first tail rank of a module trained at ``rank``."""
+        return max(self.options.prune_min_rank, math.floor(self.options.prune_gamma * rank))
+
+    def local_penalty(self, client_id: int) -> Callable[[Factors], torch.Tensor] | None:
+        """``lambda * sum_m ||B_m[:, g:r] A_m[g:r]||_F`` over the client's live factors (r = their active rank,
+        already cut to a pruned rank by `start_for`), from r x r Gram matrices: differentiable, never out x in."""
+        lam = float(self.options.tail_penalty)
+        if lam == 0 or self.options.prune_gamma is None:
+            return None
+
+        def penalty(factors: Factors) -> torch.Tensor:
+            total = None
+            for A, B in factors.values():
+                r = A.shape[0]
+                g = self.tail_start(r)
+                if g >= r:
+                    continue
+                At, Bt = A[g:r], B[:, g:r]
+                sq = ((Bt.transpose(0, 1) @ Bt) * (At @ At.transpose(0, 1))).sum()
+                # clamp: d sqrt(x)/dx is infinite at 0 (a zero B in round 0); below tiny the term has no gradient
+                term = torch.sqrt(sq.clamp_min(torch.finfo(sq.dtype).tiny))
+                total = term if total is None else total + term
+            if total is None:
+                return torch.zeros(())
+            return lam * total
+
+        return penalty
 
     def start_for(self, global_state: GlobalState, client_id: int, plan: dict[str, int]) -> Factors:
         """Global factors truncated to the plan; ranks this client pruned are zeroed in A and B (both, so their

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -114,12 +115,15 @@ def train_client(
     seed: int,
     round_idx: int,
     measure_memory: bool = False,
+    penalty: Callable[[Factors], torch.Tensor] | None = None,
 ) -> ClientResult:
     """Train client ``client_id`` for ``local_steps`` steps on its ``indices`` under ``plan`` (module -> rank).
 
     Modules outside the plan carry the global adapter frozen (they still act in forward); planned modules
     start from ``start`` (what the aggregation rule hands this client) at their planned rank and train.
     Randomness (batch order, dropout) derives from (seed, round, client): resuming needs no RNG pickles.
+    ``penalty`` (from the rule's `local_penalty`, e.g. HetLoRA's tail norm) is added to every step's loss as a
+    function of the planned modules' live factors; the reported loss is the task loss alone.
     """
     t0 = time.perf_counter()
     bytes_down = load_adapter_state(layers, global_factors)
@@ -149,8 +153,13 @@ def train_client(
         if measure_memory and step == 0:
             measured = count_training_bytes(model, batch, params, _loss, optimizer)
         loss = _loss(model, batch)
+        total = loss
+        if penalty is not None:
+            live = {m: (layers[m].lora_A[:layers[m].active_rank], layers[m].lora_B[:, :layers[m].active_rank])
+                    for m in plan}
+            total = loss + penalty(live)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         opt.step()
         losses.append(float(loss.detach()))
     model.eval()

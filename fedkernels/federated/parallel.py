@@ -17,9 +17,10 @@ concatenated batch, so the run is deterministic but not mask-for-mask the sequen
 Not parallelised (trained one at a time by the trainer's sequential path, with the reason logged):
 clients whose plan still needs a memory measurement (``measure_memory``: `solvers.memory.measure`
 measures one client's step, which a shared pass cannot give), models the multi-client layer refuses
-(LoRA dropout, non-prefix rank masks, merged adapters), heads that are not applied batch-first to one
-row block per example, and any group in which something raised: its clients are retrained sequentially,
-so a faulty client is logged and excluded exactly as without parallelism.
+(LoRA dropout, non-prefix rank masks, merged adapters), rules with a client-side loss term (HetLoRA's
+``tail_penalty``), heads that are not applied batch-first to one row block per example, and any group
+in which something raised: its clients are retrained sequentially, so a faulty client is logged and
+excluded exactly as without parallelism.
 """
 
 from __future__ import annotations
@@ -233,6 +234,10 @@ def train_clients_parallel(trainer, round_idx: int, sampled: list[int], plans: d
     multi-client layer cannot simulate, go through ``trainer._train_clients(..., sequential=True)``.
     """
     cfg = trainer.cfg
+    if any(trainer.rule.local_penalty(cid) is not None for cid in sampled):
+        log.info("round %d: parallel_clients=%d ignored: the rule adds a client-side loss term (%s)",
+                 round_idx, cfg.parallel_clients, trainer.rule)
+        return trainer._train_clients(round_idx, sampled, plans, bar, sequential=True)
     if cfg.lora_dropout > 0:
         log.info("round %d: parallel_clients=%d ignored: the multi-client layer has no LoRA dropout (lora_dropout=%r)",
                  round_idx, cfg.parallel_clients, cfg.lora_dropout)

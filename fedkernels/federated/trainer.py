@@ -310,6 +310,7 @@ class FederatedTrainer:
                     batch_size=cfg.batch_size, optimizer=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
                     seed=cfg.seed, round_idx=round_idx,
                     measure_memory=cfg.measure_memory and not self.planner.measured(plan.modules),
+                    penalty=self.rule.local_penalty(cid),
                 )
                 if res.measured_bytes is not None:
                     self.planner.record_measurement(plan.modules, res.measured_bytes)

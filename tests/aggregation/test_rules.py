@@ -10,6 +10,7 @@ import torch
 
 from fedkernels import aggregation
 from fedkernels.aggregation import GlobalState
+from fedkernels.errors import ConfigError
 from fedkernels.ops import merge_stacked
 
 from .helpers import SCALE, SHAPES, D, R, global_state, round_setup, update
@@ -114,6 +115,37 @@ def test_hetlora_self_pruning_over_rounds():
     r3 = rule.aggregate(r2.global_state, [u3], {0: plan})
     torch.testing.assert_close(r3.global_state.factors["l0.q"][0][:2], u3.factors["l0.q"][0][:2], **TOL)
     assert float(r3.global_state.factors["l0.q"][0][2:].abs().max()) == 0.0
+
+
+def test_hetlora_local_tail_penalty_value_and_gradient():
+    lam, gamma = 0.3, 0.5
+    rule = aggregation.get("hetlora", prune_gamma=gamma, prune_min_rank=1, tail_penalty=lam)
+    assert aggregation.get("hetlora").local_penalty(0) is None  # no lambda: no term
+    g = torch.Generator().manual_seed(5)
+    live = {"q": (torch.randn(6, 11, generator=g, dtype=D, requires_grad=True),
+                  torch.randn(9, 6, generator=g, dtype=D, requires_grad=True)),
+            "v": (torch.randn(1, 11, generator=g, dtype=D, requires_grad=True),  # g = max(1, 0) = 1 = r: no tail
+                  torch.randn(9, 1, generator=g, dtype=D, requires_grad=True))}
+    pen = rule.local_penalty(0)(live)
+    A, B = live["q"]
+    expected = lam * torch.linalg.matrix_norm(B[:, 3:6] @ A[3:6])  # g = floor(0.5 * 6) = 3, dense product
+    torch.testing.assert_close(pen, expected, rtol=1e-12, atol=1e-12)
+    pen.backward()
+    assert float(A.grad[:3].abs().max()) == 0.0 and float(A.grad[3:].abs().max()) > 0  # only the tail is pushed
+    assert live["v"][0].grad is None
+    # zero B (round 0): finite, zero, no NaN gradient
+    Z = (torch.randn(4, 5, dtype=D, requires_grad=True), torch.zeros(7, 4, dtype=D, requires_grad=True))
+    p0 = rule.local_penalty(0)({"q": Z})
+    p0.backward()
+    assert float(p0.detach()) < 1e-100 and torch.isfinite(Z[0].grad).all() and torch.isfinite(Z[1].grad).all()
+
+
+@pytest.mark.parametrize("opts", [{"tail_penalty": 0.1}, {"prune_gamma": 0.5, "tail_penalty": -1.0},
+                                  {"prune_gamma": 0.5, "tail_penalty": float("nan")},
+                                  {"prune_gamma": 0.5, "tail_penalty": True}])
+def test_hetlora_tail_penalty_rejects_bad_options(opts):
+    with pytest.raises(ConfigError, match="tail_penalty"):
+        aggregation.get("hetlora", **opts)
 
 
 def test_fedpilot_eta_and_staleness():
