@@ -50,19 +50,19 @@ class FlexLoRA(AggregationRule):
                                for m, ts in members]) for c, _ in ts0]
             Bs = [torch.stack([dict((u.client_id, u) for u, _ in ts)[c.client_id].factors[m][1].to(dt)
                                for m, ts in members]) for c, _ in ts0]
-            weights = [p * float(u.scales[members[0][0]]) for u, p in ts0]
-            ranks = [R] + [A.shape[-2] for A in As]
-            scales = [s_g] + [float(u.scales[members[0][0]]) for u, _ in ts0]
+            m0 = members[0][0]
+            weights = [p * float(u.scales[m0]) for u, p in ts0]
+            # Same scale as the global: the client's best rank-r_k split is exactly the global factors truncated
+            # to r_k (same SVD, same sqrt split), i.e. what `start_for` gives from the latest global state, so it
+            # is neither computed nor emitted (a stored one would go stale while the client is not sampled).
+            own = [(u, A.shape[-2]) for (u, _), A in zip(ts0, As, strict=True) if float(u.scales[m0]) != s_g]
+            ranks = [R] + [r for _, r in own]
+            scales = [s_g] + [float(u.scales[m0]) for u, _ in own]
             outs = flexlora_redistribute(As, Bs, weights, ranks, scales=scales, compute_dtype=dt)
             gA_new, gB_new = outs[0]
             for j, (m, _) in enumerate(members):
                 state.factors[m] = (gA_new[j].to(gdtype), gB_new[j].to(gdtype))
-            for (u, _), (A_k, B_k) in zip(ts0, outs[1:], strict=True):
-                if float(u.scales[members[0][0]]) == s_g:
-                    # Same scale: the client's best rank-r_k split is exactly the global factors truncated to r_k
-                    # (same SVD, same sqrt split), i.e. what `start_for` gives from the latest global state, so no
-                    # client-specific start is emitted (a stored one would go stale while the client is not sampled).
-                    continue
+            for (u, _), (A_k, B_k) in zip(own, outs[1:], strict=True):
                 starts = result.client_starts.setdefault(int(u.client_id), {})
                 for j, (m, _) in enumerate(members):
                     starts[m] = (A_k[j].to(u.factors[m][0].dtype), B_k[j].to(u.factors[m][1].dtype))

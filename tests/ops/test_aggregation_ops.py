@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -271,3 +273,34 @@ def test_scratch_is_per_thread():
     t.start()
     t.join()
     assert seen["ptr"] != mine and _scratch._HELD.buffers["flexlora.A"].data_ptr() == mine
+
+
+@pytest.mark.parametrize("lead", [(5,), (2, 3)])
+def test_flexlora_chunks_agree_with_one_batch(lead):
+    As, Bs = _clients([3, 6, 4], d_out=30, d_in=26, lead=lead)
+    n_mod = math.prod(lead)
+    w = torch.rand(3, n_mod, dtype=D) + 0.1 if len(lead) == 1 else [0.2, 0.5, 0.3]
+    ranks, scales = [2, 5, 14, 20], [0.5, 2.0, 1.0, 4.0]
+    whole = flexlora_redistribute(As, Bs, w, ranks, scales=scales, modules_per_chunk=n_mod)
+    for step in (1, 2):
+        parts = flexlora_redistribute(As, Bs, w, ranks, scales=scales, modules_per_chunk=step)
+        for (A, B), (A0, B0), r in zip(parts, whole, ranks, strict=True):
+            assert A.shape == (*lead, r, 26) and B.shape == (*lead, 30, r)
+            torch.testing.assert_close(A, A0, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(B, B0, rtol=1e-12, atol=1e-12)
+    # and each module's result is its own best approximation (module (0[, 0]) checked against a dense SVD)
+    first = (0,) * len(lead)
+    dense = sum((w[i][0] if len(lead) == 1 else w[i]) * Bs[i][first] @ As[i][first] for i in range(3))
+    U, S, Vh = torch.linalg.svd(dense)
+    A, B = whole[1]
+    torch.testing.assert_close(2.0 * B[first] @ A[first], (U[:, :5] * S[:5]) @ Vh[:5], rtol=1e-9, atol=1e-9)
+
+
+def test_flexlora_rejects_bad_chunks_and_weights():
+    As, Bs = _clients([3, 4], lead=(4,))
+    with pytest.raises(ValueError, match="modules_per_chunk"):
+        flexlora_redistribute(As, Bs, [0.5, 0.5], [2], modules_per_chunk=0)
+    with pytest.raises(ShapeError, match="per-module weights"):
+        flexlora_redistribute(As, Bs, torch.rand(2, 3, dtype=D), [2])
+    with pytest.raises(ShapeError, match="differ from client 0"):
+        flexlora_redistribute([As[0], As[1][..., :30]], [Bs[0], Bs[1]], [0.5, 0.5], [2])
