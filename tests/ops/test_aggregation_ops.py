@@ -304,3 +304,17 @@ def test_flexlora_rejects_bad_chunks_and_weights():
         flexlora_redistribute(As, Bs, torch.rand(2, 3, dtype=D), [2])
     with pytest.raises(ShapeError, match="differ from client 0"):
         flexlora_redistribute([As[0], As[1][..., :30]], [Bs[0], Bs[1]], [0.5, 0.5], [2])
+
+
+@pytest.mark.parametrize("d_out,d_in", [(5, 30), (30, 6), (4, 4)])
+def test_factor_svd_more_stacked_ranks_than_rows_or_columns(d_out, d_in):
+    """S = 13 > min(out, in): R_b or R_a is trapezoidal and the core is rectangular."""
+    As, Bs = _clients([3, 6, 4], d_out=d_out, d_in=d_in, lead=(2,))
+    A_s, B_s = stack_lora(As, Bs, [0.2, 0.5, 0.3])
+    U, S, Vh = factor_svd(B_s, A_s)
+    K = min(13, d_out, d_in)
+    assert U.shape == (2, d_out, K) and S.shape == (2, K) and Vh.shape == (2, K, d_in)
+    dense = B_s @ A_s
+    torch.testing.assert_close(S, torch.linalg.svdvals(dense)[..., :K], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(U @ torch.diag_embed(S) @ Vh, dense, rtol=1e-10, atol=1e-10)
+    assert _orth_err(U[0], Vh[0]) < 1e-10 and _orth_err(U[1], Vh[1]) < 1e-10
