@@ -204,7 +204,7 @@ def export(
 
 @app.command()
 def bench(
-    suite: str = typer.Argument("all", help="all | lora_linear | kernels | aggregation | solvers"),
+    suite: str = typer.Argument("all", help="all | lora_linear | multi_lora | aggregation | solvers"),
 ) -> None:
     """Run the pytest-benchmark suites in bench/ and print their tables."""
     import subprocess
@@ -212,7 +212,8 @@ def bench(
     root = Path(__file__).resolve().parent.parent / "bench"
     target = str(root) if suite == "all" else str(root / f"bench_{suite}.py")
     if not Path(target).exists():
-        _fail(FedKernelsError(f"no benchmark suite {suite!r} ({target} missing)"))
+        names = ", ".join(["all"] + sorted(p.stem.removeprefix("bench_") for p in root.glob("bench_*.py")))
+        _fail(FedKernelsError(f"no benchmark suite {suite!r}; available: {names}"))
     raise typer.Exit(subprocess.call([sys.executable, "-m", "pytest", target, "--benchmark-enable", "-q"]))
 
 
