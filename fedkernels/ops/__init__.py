@@ -1,6 +1,7 @@
 """Compute ops: each has a pure-torch path (CPU, any device) and Triton kernels on CUDA."""
 
 from fedkernels.ops._backend import BACKENDS, resolve_backend, triton_available
+from fedkernels.ops._scratch import release_scratch, scratch_bytes
 from fedkernels.ops.aggregation import factor_svd, flexlora_redistribute, merge_stacked, stack_lora
 from fedkernels.ops.lora_linear import LoRALinearFunction, dropout_keep_mask, lora_linear
 
@@ -12,7 +13,9 @@ __all__ = [
     "flexlora_redistribute",
     "lora_linear",
     "merge_stacked",
+    "release_scratch",
     "resolve_backend",
+    "scratch_bytes",
     "stack_lora",
     "triton_available",
 ]
