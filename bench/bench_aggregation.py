@@ -143,7 +143,7 @@ def test_flexlora_qr_vs_dense_svd(benchmark, d):
           f"x{t['dense'] / t['qr']:.1f}; sv rel err top-{R_GLOBAL} {rel_top:.2e}, all/smax {rel_all:.2e}")
     assert rel_top < 1e-5
     # The >= 100x target (issue 4) is recorded, not asserted: on this shared 2-core box the ratio moves with the
-    # other jobs' load (102-103x in five quiet runs of this setting); a 10x floor still catches a broken route.
+    # other jobs' load (101-103x in seven quiet runs of this setting); a 10x floor still catches a broken route.
     assert t["dense"] / t["qr"] >= 10
 
 

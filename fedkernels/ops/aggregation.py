@@ -225,8 +225,9 @@ def _factor_svd(B_stack, A_stack, k, compute_dtype, orth_tol, vector_roles: tupl
     else:
         U, Vh = (scratch(r, sh, dtype, B.device) for r, sh in zip(vector_roles, (u_shape, vh_shape), strict=True))
     if tol > 0 and k > 0:
-        torch.matmul(B, Ra.transpose(-1, -2) @ Vck, out=U).div_(sk[..., None, :])
-        torch.matmul(Uck.transpose(-1, -2) @ Rb, A, out=Vh).div_(sk[..., :, None])
+        # 1/s_j folded into the small S x k factors: no extra pass over the out x k / k x in results
+        torch.matmul(B, (Ra.transpose(-1, -2) @ Vck) / sk[..., None, :], out=U)
+        torch.matmul((Uck.transpose(-1, -2) @ Rb) / sk[..., :, None], A, out=Vh)
         eye = torch.eye(k, dtype=dtype, device=s.device)
         dev = torch.maximum(
             (U.transpose(-1, -2) @ U - eye).abs().amax(dim=(-2, -1)),
