@@ -20,7 +20,7 @@ import dataclasses
 import json
 import math
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -316,6 +316,18 @@ class AggregationRule:
 
     def raw_weight(self, u: ClientUpdate) -> float:
         return 1.0 if self.options.weighting == "uniform" else float(u.num_samples)
+
+    def trained_modules(
+        self, state: GlobalState, updates: list[ClientUpdate], result: AggregationResult
+    ) -> Iterator[tuple[str, list[tuple[ClientUpdate, float]]]]:
+        """``(module, trainers)`` for every module of ``state`` somebody trained; the others are noted as untrained
+        (and left unchanged) in ``result``. For rules with nothing to do on an untrained module."""
+        for m in state.factors:
+            ts = self.trainers(updates, m)
+            if ts:
+                yield m, ts
+            else:
+                note_untrained(result, m)
 
     def trainers(self, updates: list[ClientUpdate], module: str) -> list[tuple[ClientUpdate, float]]:
         """Clients that trained ``module`` with weights normalised over them (sum 1), in client-id order."""

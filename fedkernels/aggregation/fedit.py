@@ -19,7 +19,6 @@ from fedkernels.aggregation.base import (
     average_by_rank,
     compute_dtype,
     folded,
-    note_untrained,
 )
 from fedkernels.errors import ConfigError
 
@@ -43,11 +42,7 @@ class FedIT(AggregationRule):
     Options = FedITOptions
 
     def _aggregate(self, state: GlobalState, updates: list[ClientUpdate], plans, result: AggregationResult) -> None:
-        for m in state.factors:
-            ts = self.trainers(updates, m)
-            if not ts:
-                note_untrained(result, m)
-                continue
+        for m, ts in self.trained_modules(state, updates, result):
             gA, gB = state.factors[m]
             dt = compute_dtype(gA)
             contribs = [(*folded(u, m, state.scales[m], dt), p) for u, p in ts]

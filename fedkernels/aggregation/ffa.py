@@ -12,7 +12,6 @@ from fedkernels.aggregation.base import (
     GlobalState,
     average_by_rank,
     compute_dtype,
-    note_untrained,
 )
 
 __all__ = ["FFA"]
@@ -22,11 +21,7 @@ class FFA(AggregationRule):
     name = "ffa"
 
     def _aggregate(self, state: GlobalState, updates: list[ClientUpdate], plans, result: AggregationResult) -> None:
-        for m in state.factors:
-            ts = self.trainers(updates, m)
-            if not ts:
-                note_untrained(result, m)
-                continue
+        for m, ts in self.trained_modules(state, updates, result):
             gA, gB = state.factors[m]
             dt = compute_dtype(gA)
             contribs = []

@@ -21,7 +21,6 @@ from fedkernels.aggregation.base import (
     ClientUpdate,
     GlobalState,
     compute_dtype,
-    note_untrained,
 )
 from fedkernels.ops.aggregation import flexlora_redistribute
 
@@ -33,11 +32,7 @@ class FlexLoRA(AggregationRule):
 
     def _aggregate(self, state: GlobalState, updates: list[ClientUpdate], plans, result: AggregationResult) -> None:
         groups: dict[tuple, list[tuple[str, list[tuple[ClientUpdate, float]]]]] = {}
-        for m in state.factors:
-            ts = self.trainers(updates, m)
-            if not ts:
-                note_untrained(result, m)
-                continue
+        for m, ts in self.trained_modules(state, updates, result):
             gA, gB = state.factors[m]
             key = (tuple(gA.shape), tuple(gB.shape), gA.dtype, gA.device, float(state.scales[m]),
                    tuple((u.client_id, u.factors[m][0].shape[0], float(u.scales[m]), p) for u, p in ts))

@@ -31,7 +31,6 @@ from fedkernels.aggregation.base import (
     average_by_rank,
     compute_dtype,
     folded,
-    note_untrained,
 )
 from fedkernels.errors import ConfigError
 
@@ -85,11 +84,7 @@ class HetLoRA(AggregationRule):
         o = self.options
         pruned = {c: dict(v) for c, v in state.extra.get("pruned_ranks", {}).items()}
         tails = {c: dict(v) for c, v in state.extra.get("tail_norms", {}).items()}
-        for m in state.factors:
-            ts = self.trainers(updates, m)
-            if not ts:
-                note_untrained(result, m)
-                continue
+        for m, ts in self.trained_modules(state, updates, result):
             gA, gB = state.factors[m]
             dt = compute_dtype(gA)
             facs = []
