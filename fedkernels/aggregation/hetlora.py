@@ -34,13 +34,17 @@ from fedkernels.aggregation.base import (
 )
 from fedkernels.errors import ConfigError
 
-__all__ = ["HetLoRA", "HetLoRAOptions", "product_norm"]
+__all__ = ["HetLoRA", "HetLoRAOptions", "product_norm", "product_norm_sq"]
+
+
+def product_norm_sq(B: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """``||B @ A||_F^2 = <B^T B, A A^T>`` from the r x r Gram matrices (never out x in); differentiable."""
+    return ((B.transpose(-1, -2) @ B) * (A @ A.transpose(-1, -2))).sum()
 
 
 def product_norm(B: torch.Tensor, A: torch.Tensor) -> float:
-    """``||B @ A||_F`` from the r x r Gram matrices (clamped at 0 against rounding)."""
-    g = ((B.transpose(-1, -2) @ B) * (A @ A.transpose(-1, -2))).sum()
-    return math.sqrt(max(float(g), 0.0))
+    """``||B @ A||_F`` (clamped at 0 against rounding)."""
+    return math.sqrt(max(float(product_norm_sq(B, A)), 0.0))
 
 
 @dataclass
@@ -140,8 +144,7 @@ class HetLoRA(AggregationRule):
                 g = self.tail_start(r)
                 if g >= r:
                     continue
-                At, Bt = A[g:r], B[:, g:r]
-                sq = ((Bt.transpose(0, 1) @ Bt) * (At @ At.transpose(0, 1))).sum()
+                sq = product_norm_sq(B[:, g:r], A[g:r])
                 # clamp: d sqrt(x)/dx is infinite at 0 (a zero B in round 0); below tiny the term has no gradient
                 term = torch.sqrt(sq.clamp_min(torch.finfo(sq.dtype).tiny))
                 total = term if total is None else total + term
