@@ -59,6 +59,14 @@ class RunSummary:
     allocation: list[list[float]] | None = None  # clients x layers trained share, filled by `compare`
 
 
+def make_rule(cfg: FederatedConfig):
+    """The `fedkernels.aggregation` rule of ``cfg.strategy`` with ``cfg.aggregation_options`` (the server's and,
+    for a client-side loss term, every Flower client's)."""
+    from fedkernels import aggregation
+
+    return aggregation.get(PRESETS[cfg.strategy][1], **cfg.aggregation_options)
+
+
 @dataclass
 class Prepared:
     """What both the server and every client build from a config: model, tokenised data, splits, partitions."""
@@ -145,7 +153,7 @@ class FederatedTrainer:
         self.planner.check_feasible(self.budgets)  # stops the run before round 1, naming the client
         from fedkernels import aggregation
 
-        self.rule = aggregation.get(rule_name, **cfg.aggregation_options)
+        self.rule = make_rule(cfg)
         self.global_state = aggregation.GlobalState.from_factors(
             {m: (l.lora_A.detach().clone(), l.lora_B.detach().clone()) for m, l in self.layers.items()},
             {m: l.scale for m, l in self.layers.items()},

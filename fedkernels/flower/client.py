@@ -13,11 +13,10 @@ import logging
 
 import torch
 
-from fedkernels import aggregation
 from fedkernels.errors import ConfigError
 from fedkernels.federated.client import inject_fault, train_client
 from fedkernels.federated.config import FederatedConfig
-from fedkernels.federated.trainer import PRESETS, Prepared, prepare
+from fedkernels.federated.trainer import Prepared, make_rule, prepare
 from fedkernels.flower import wire
 
 try:
@@ -80,7 +79,7 @@ def train_handler(msg: Message, context: Context) -> Message:
         global_factors=job["global"], global_head=job["head"], data=prep.data, indices=prep.client_indices[cid],
         local_steps=cfg.local_steps, batch_size=cfg.batch_size, optimizer=cfg.optimizer, lr=cfg.lr,
         weight_decay=cfg.weight_decay, seed=cfg.seed, round_idx=job["round"], measure_memory=job["measure_memory"],
-        penalty=aggregation.get(PRESETS[cfg.strategy][1], **cfg.aggregation_options).local_penalty(cid),
+        penalty=make_rule(cfg).local_penalty(cid),
     )
     res = inject_fault(cfg.faults.get(str(cid)), cid, res)  # the same demo/test faults as in-process
     return Message(wire.encode_reply(res), reply_to=msg)
