@@ -61,24 +61,24 @@ def scratch(role: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch
     ``column_major=True`` gives the last two dims LAPACK's layout (a transposed view of a contiguous buffer),
     which `torch.geqrf` writes into without a copy of its own.
     """
-    if device.type != "cpu":
-        out = torch.empty(*shape[:-2], shape[-1], shape[-2], dtype=dtype, device=device).transpose(-1, -2) \
-            if column_major else torch.empty(shape, dtype=dtype, device=device)
-        return out
     numel = math.prod(shape)
-    need = numel * torch.empty((), dtype=dtype).element_size()
-    buf = _HELD.buffers.get(role)
-    if buf is None or buf.dtype != dtype or buf.numel() < numel:
-        others = scratch_bytes() - (0 if buf is None else buf.numel() * buf.element_size())
-        if others + need > _limit_bytes():
-            buf = None
-            _HELD.buffers.pop(role, None)
-        else:
-            buf = torch.empty(numel, dtype=dtype)
-            _HELD.buffers[role] = buf
-    if buf is None:  # over the cap: a fresh tensor, not kept
-        buf = torch.empty(numel, dtype=dtype)
-    flat = buf[:numel]
+    # off the CPU a plain empty: the CUDA caching allocator already reuses blocks
+    cpu = device.type == "cpu"
+    flat = _held(role, numel, dtype)[:numel] if cpu else torch.empty(numel, dtype=dtype, device=device)
     if column_major and len(shape) >= 2:
         return flat.view(*shape[:-2], shape[-1], shape[-2]).transpose(-1, -2)
     return flat.view(shape)
+
+
+def _held(role: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """The thread's CPU buffer for ``role``, grown to ``numel``; a fresh unkept tensor when that would pass the cap."""
+    buf = _HELD.buffers.get(role)
+    if buf is not None and buf.dtype == dtype and buf.numel() >= numel:
+        return buf
+    others = scratch_bytes() - (0 if buf is None else buf.numel() * buf.element_size())
+    fresh = torch.empty(numel, dtype=dtype)
+    if others + numel * dtype.itemsize > _limit_bytes():
+        _HELD.buffers.pop(role, None)
+    else:
+        _HELD.buffers[role] = fresh
+    return fresh
