@@ -215,7 +215,29 @@ class FederatedTrainer:
 
     # ------------------------------------------------------------------ run
     def run(self, *, resume: bool = False, stop_after: int | None = None) -> RunSummary:
-        """Run the remaining rounds. ``resume`` continues from the latest checkpoint in ``output_dir``."""
+        """Run the remaining rounds. ``resume`` continues from the latest checkpoint in ``output_dir``.
+
+        The loop is three steps that the Flower engine reuses around its own round trip:
+        `begin_run` (restore or start the run folder), `run_round` + `commit_round` per round (metrics line,
+        atomic checkpoint), `end_run` (export, summary).
+        """
+        cfg = self.cfg
+        self.begin_run(resume=resume)
+        bar = _progress(self.progress)
+        with bar:
+            task = bar.add_task(f"{cfg.strategy} rounds", total=cfg.rounds, completed=self.round)
+            while self.round < cfg.rounds:
+                record = self._run_round(self.round + 1, bar)
+                self.commit_round(record)
+                bar.update(task, completed=self.round,
+                           description=f"{cfg.strategy} acc={record['accuracy']:.3f}")
+                if stop_after is not None and self.round >= stop_after:
+                    break
+        return self.end_run()
+
+    def begin_run(self, *, resume: bool = False) -> None:
+        """Open the run folder: restore the latest checkpoint (``resume``) or start fresh; rewrite the metrics
+        file to exactly the rounds the state covers (a killed run may have logged one more)."""
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
         metrics_path = self.out / "metrics.jsonl"
@@ -237,28 +259,24 @@ class FederatedTrainer:
             log.info("resumed from %s at round %d", ckpt, self.round)
         else:
             metrics_path.unlink(missing_ok=True)
-        # rewrite the metrics file to exactly the rounds the state covers (a killed run may have one more)
         metrics_path.write_text("".join(json.dumps(h, sort_keys=True) + "\n" for h in self.history))
         atomic_write_json(self.out / "config.json", cfg.to_dict())
 
-        bar = _progress(self.progress)
-        with bar:
-            task = bar.add_task(f"{cfg.strategy} rounds", total=cfg.rounds, completed=self.round)
-            while self.round < cfg.rounds:
-                record = self._run_round(self.round + 1, bar)
-                self.round += 1
-                self.history.append(record)
-                with metrics_path.open("a") as fh:
-                    fh.write(json.dumps(record, sort_keys=True) + "\n")
-                tensors, meta = self._state_tensors()
-                save_checkpoint(ckpt_root, self.round, tensors, meta)
-                if os.environ.get("FEDKERNELS_PAUSE_AFTER_ROUND") == str(self.round):
-                    # Testing aid: hold still after this round's checkpoint so a test can `kill -9` us here.
-                    time.sleep(3600)
-                bar.update(task, completed=self.round,
-                           description=f"{cfg.strategy} acc={record['accuracy']:.3f}")
-                if stop_after is not None and self.round >= stop_after:
-                    break
+    def commit_round(self, record: dict) -> None:
+        """Make a finished round durable: advance ``round``, append its metrics line, write the checkpoint."""
+        self.round = int(record["round"])
+        self.history.append(record)
+        with (self.out / "metrics.jsonl").open("a") as fh:
+            fh.write(json.dumps(record, sort_keys=True) + "\n")
+        tensors, meta = self._state_tensors()
+        save_checkpoint(self.out / "checkpoints", self.round, tensors, meta)
+        if os.environ.get("FEDKERNELS_PAUSE_AFTER_ROUND") == str(self.round):
+            # Testing aid: hold still after this round's checkpoint so a test can `kill -9` us here.
+            time.sleep(3600)
+
+    def end_run(self) -> RunSummary:
+        """Export the adapter and write summary.json once every round is done; the run's summary either way."""
+        cfg = self.cfg
         adapter_dir = self._export() if self.round >= cfg.rounds else None
         last = self.history[-1] if self.history else {"accuracy": float("nan"), "loss": float("nan")}
         summary = RunSummary(self.round, last["accuracy"], last["loss"], self.history, self.out, adapter_dir)
