@@ -6,7 +6,6 @@ import torch
 
 from fedkernels.errors import ConfigError
 from fedkernels.federated import FederatedConfig, FederatedTrainer
-from fedkernels.federated.trainer import _progress
 from tests.federated.test_trainer import BASE, comparable, global_factors
 
 
@@ -29,11 +28,9 @@ def make(tmp_path, name, *, no_dropout=False, **kw):
 
 
 def train_round(trainer, round_idx=1):
-    sampled = trainer.sample_clients(round_idx)
-    plans = trainer.planner.plans_for_round(round_idx, sampled, trainer.budgets, trainer.global_state)
-    with _progress(False) as bar:
-        results, log, failures = trainer._train_clients(round_idx, sampled, plans, bar)
-    return sampled, plans, results, log, failures
+    job = trainer.plan_round(round_idx)
+    out = trainer.executor.train(job)
+    return job.sampled, job.plans, out.results, out.client_log, out.failures
 
 
 def rel_err(a, b):
