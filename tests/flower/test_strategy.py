@@ -379,3 +379,19 @@ def test_a_partition_claimed_twice_takes_messages_and_budget_from_one_node(tmp_p
     assert strategy.trainer.budgets[0] == small != large
     assert strategy._rounds[1].job.budgets[0] == small
     assert any("claimed by nodes" in r.message and str(owner) in r.message for r in caplog.records)
+
+
+def test_the_trainer_loop_runs_on_the_flower_executor_too(tmp_path):
+    """`FlowerExecutor.train` (the trainer's own loop) and Flower's configure_train/aggregate_train loop are the
+    same rounds: equal global adapters."""
+    from fedkernels.flower.executor import FlowerExecutor
+
+    strategy = HeteroLoRAStrategy(cfg(tmp_path, "flwr"), round_timeout=30)
+    strategy.start(grid_for(strategy))
+    executor = FlowerExecutor(cfg(tmp_path, "loop"), round_timeout=30)
+    trainer = FederatedTrainer(cfg(tmp_path, "loop"), executor=executor)
+    executor.bind(grid_for(strategy))
+    summary = trainer.run()
+    assert summary.rounds == 2 and executor.bytes_log and len(executor.bytes_log) == 2
+    a, b = factors(strategy.trainer.global_state), factors(trainer.global_state)
+    assert a.keys() == b.keys() and all(torch.equal(a[m][0], b[m][0]) and torch.equal(a[m][1], b[m][1]) for m in a)
