@@ -8,14 +8,32 @@ import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from fedkernels.errors import ConfigError
 
-__all__ = ["FederatedConfig", "STRATEGIES"]
+__all__ = ["FederatedConfig", "PRESETS", "Preset", "STRATEGIES"]
 
-# Presets combining an allocation (solvers.strategies) and an aggregation rule (fedkernels.aggregation).
-STRATEGIES = ("fedpilot", "fedhello", "fedra", "hetlora", "flexlora", "flora", "fedit-min", "fedit-full")
+
+class Preset(NamedTuple):
+    """A ``FederatedConfig.strategy``: an allocation of `solvers.strategies` and a `fedkernels.aggregation` rule."""
+
+    allocation: str
+    rule: str
+
+
+# The one table of strategy presets; the trainer, the Flower client and the CLI all read it.
+PRESETS: dict[str, Preset] = {
+    "fedpilot": Preset("fedpilot", "fedpilot"),
+    "fedhello": Preset("fedhello-rgd:bottleneck", "fedhello"),
+    "fedra": Preset("fedra", "fedra"),
+    "hetlora": Preset("hetlora", "hetlora"),
+    "flexlora": Preset("flexlora", "flexlora"),
+    "flora": Preset("hetlora", "flora"),  # heterogeneous ranks (the HetLoRA allocation), stacked by FLoRA
+    "fedit-min": Preset("uniform-min", "fedit"),
+    "fedit-full": Preset("full", "fedit"),
+}
+STRATEGIES = tuple(PRESETS)
 PARTITIONS = ("iid", "dirichlet", "pathological")
 
 
