@@ -283,13 +283,33 @@ class AggregationRule:
         state.extra["round"] = global_state.round + 1
         return result
 
-    def start_for(self, global_state: GlobalState, client_id: int, plan: dict[str, int]) -> Factors:
-        """Factors client ``client_id`` starts from under ``plan``: the global factors truncated to the planned rank."""
+    def start_for(
+        self, global_state: GlobalState, client_id: int, plan: dict[str, int], scales: dict[str, float] | None = None
+    ) -> Factors:
+        """Factors client ``client_id`` starts from under ``plan``: the global factors truncated to the planned rank,
+        expressed at the client's LoRA scale ``scales[m]`` (default: the global scale), so that
+        ``s_k B_k A_k == s_g B_g A_g`` on the kept ranks and a round in which the client changes nothing leaves the
+        global product unchanged (the inverse of `folded`)."""
         out: Factors = {}
         for m, r in plan.items():
             A, B = self.planned_factors(global_state, client_id, m, r)
-            out[m] = (A[:r].clone(), B[:, :r].clone())
+            A, B = A[:r].clone(), B[:, :r].clone()
+            ratio = client_scale_ratio(global_state, client_id, m, scales)
+            if ratio != 1.0:
+                A, B = self.unfold(A, B, ratio)
+            out[m] = (A, B)
         return out
+
+    #: True for rules whose A is the shared frozen one (FFA): the whole scale ratio then goes on B, never on A.
+    frozen_A: ClassVar[bool] = False
+
+    def unfold(self, A: torch.Tensor, B: torch.Tensor, ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Global factors rewritten for a client whose scale is ``s_k = s_g / ratio``: ``sqrt(ratio)`` on each
+        factor (``ratio`` on B alone when A is frozen), so that ``s_k B' A' == s_g B A``."""
+        if self.frozen_A:
+            return A, (B.to(compute_dtype(B)) * ratio).to(B.dtype)
+        f = math.sqrt(ratio)
+        return (A.to(compute_dtype(A)) * f).to(A.dtype), (B.to(compute_dtype(B)) * f).to(B.dtype)
 
     @staticmethod
     def planned_factors(
@@ -334,6 +354,18 @@ class AggregationRule:
         ts = [u for u in updates if module in u.factors]
         total = sum(self.raw_weight(u) for u in ts)
         return [(u, self.raw_weight(u) / total) for u in ts] if total > 0 else []
+
+
+def client_scale_ratio(global_state: GlobalState, client_id: object, module: str,
+                       scales: dict[str, float] | None) -> float:
+    """``s_g / s_k`` for a client starting ``module`` at scale ``s_k = scales[module]`` (1.0 without a scale)."""
+    if scales is None or module not in scales:
+        return 1.0
+    s = scales[module]
+    if isinstance(s, bool) or not isinstance(s, numbers.Real) or not math.isfinite(float(s)) or s <= 0:
+        raise ConfigError(f"client {client_id}, module {module!r}: start scale must be a positive finite number, "
+                          f"got {s!r}")
+    return float(global_state.scales[module]) / float(s)
 
 
 def compute_dtype(t: torch.Tensor) -> torch.dtype:

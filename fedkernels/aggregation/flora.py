@@ -81,7 +81,11 @@ class FLoRA(AggregationRule):
                          dtype=gA.dtype, device=gA.device)
             state.factors[m] = (A0, torch.zeros_like(gB))
 
-    def start_for(self, global_state: GlobalState, client_id: int, plan: dict[str, int]) -> Factors:
+    def start_for(
+        self, global_state: GlobalState, client_id: int, plan: dict[str, int], scales: dict[str, float] | None = None
+    ) -> Factors:
+        """A fresh A of the planned rank and B = 0: the product is zero at every scale, so ``scales`` changes
+        nothing (the global product was merged into the base weight)."""
         out: Factors = {}
         for m, r in plan.items():
             gA, gB = self.planned_factors(global_state, client_id, m, r)
