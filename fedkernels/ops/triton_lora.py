@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fedkernels.errors import BackendError, ShapeError
+from fedkernels.errors import BackendError, ConfigError, ShapeError
 
 __all__ = [
     "GEMM_CANDIDATES",
@@ -269,9 +269,9 @@ class KernelConfig:
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             if not isinstance(v, int) or v < 1 or (f.name not in ("gemm_stages", "small_stages") and v & (v - 1)):
-                raise ValueError(f"KernelConfig.{f.name} must be a positive power of two, got {v!r}")
+                raise ConfigError(f"KernelConfig.{f.name} must be a positive power of two, got {v!r}")
         if self.block_r < 16 or self.gemm_k < 16 or self.shrink_k < 16 or self.skinny_t < 16:
-            raise ValueError(f"dot dimensions must be >= 16 (tl.dot minimum), got {self}")
+            raise ConfigError(f"dot dimensions must be >= 16 (tl.dot minimum), got {self}")
 
 
 # Under the interpreter every program runs serially (~30-65 ms each, kernels.md section 4): 16-wide blocks
@@ -562,7 +562,7 @@ def lora_linear_triton(
     if big:
         raise ShapeError(f"triton backend uses int32 offsets; tensors of shape {big} have >= 2**31 elements")
     if dropout_p > 0.0 and dropout_seed is None:
-        raise ValueError(f"dropout_p={dropout_p!r} needs a dropout_seed")
+        raise ConfigError(f"dropout_p={dropout_p!r} needs a dropout_seed")
     if x.shape[0] == 0:
         # No tokens: nothing to launch; torch ops on empty tensors keep autograd's zero gradients.
         return torch.nn.functional.linear(x, weight, bias) + (x @ lora_A.t()) @ lora_B.t() * scale
@@ -612,7 +612,7 @@ def compile_specs(arch: int = 90, dtype: torch.dtype = torch.bfloat16, rank: int
     ``config`` overrides the table row (the compile tier passes each autotune candidate).
     """
     if precision not in ("tf32", "ieee"):
-        raise ValueError(f"precision must be 'tf32' or 'ieee', got {precision!r}")
+        raise ConfigError(f"precision must be 'tf32' or 'ieee', got {precision!r}")
     if config is None:
         config = GPU_CONFIGS[(_arch_key((arch // 10, arch % 10)), 2 if dtype != torch.float32 else 4)]
     cfg = config

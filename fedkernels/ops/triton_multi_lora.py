@@ -36,7 +36,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fedkernels.errors import RankError
+from fedkernels.errors import ConfigError, RankError
 from fedkernels.ops.multi_lora import MultiLoRAMeta
 
 __all__ = [
@@ -221,10 +221,10 @@ class MultiLoRAConfig:
         for name in ("shrink_m", "shrink_k", "expand_m", "expand_n", "grad_t", "grad_n"):
             v = getattr(self, name)
             if v < 16 or v & (v - 1):
-                raise ValueError(f"MultiLoRAConfig.{name} must be a power of two >= 16 (tl.dot), got {v!r}")
+                raise ConfigError(f"MultiLoRAConfig.{name} must be a power of two >= 16 (tl.dot), got {v!r}")
         for name in ("shrink_split", "grad_split", "num_warps", "num_stages"):
             if getattr(self, name) < 1:
-                raise ValueError(f"MultiLoRAConfig.{name} must be >= 1, got {getattr(self, name)!r}")
+                raise ConfigError(f"MultiLoRAConfig.{name} must be >= 1, got {getattr(self, name)!r}")
 
 
 # Interpreter: the smallest legal tiles (tl.dot needs 16) so tiny odd test shapes cross tile edges, and
