@@ -29,7 +29,7 @@ from fedkernels.aggregation.base import (
     note_untrained,
 )
 from fedkernels.errors import ConfigError
-from fedkernels.ops.aggregation import stack_lora
+from fedkernels.ops.factor_ops import stack_lora
 
 __all__ = ["FLoRA", "FLoRAOptions", "fresh_A"]
 
