@@ -51,16 +51,16 @@ def merge_kernel(
     mask_o = offs_o < OUT
     mask_i = offs_i < IN
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    b_base = b_ptr + mod * stride_bm
-    a_base = a_ptr + mod * stride_am
+    # tile pointers at k = 0, advanced by BLOCK_K ranks per step (S is small: 1-32 steps)
+    b_tile = b_ptr + mod * stride_bm + offs_o[:, None] * stride_bo + offs_k[None, :] * stride_bs
+    a_tile = a_ptr + mod * stride_am + offs_k[:, None] * stride_as + offs_i[None, :] * stride_ai
     for k0 in range(0, S, BLOCK_K):
-        kk = k0 + offs_k
-        mask_k = kk < S
-        b = tl.load(b_base + offs_o[:, None] * stride_bo + kk[None, :] * stride_bs,
-                    mask=mask_o[:, None] & mask_k[None, :], other=0.0)
-        a = tl.load(a_base + kk[:, None] * stride_as + offs_i[None, :] * stride_ai,
-                    mask=mask_k[:, None] & mask_i[None, :], other=0.0)
+        in_s = (k0 + offs_k) < S
+        b = tl.load(b_tile, mask=mask_o[:, None] & in_s[None, :], other=0.0)
+        a = tl.load(a_tile, mask=in_s[:, None] & mask_i[None, :], other=0.0)
         acc += tl.dot(b, a, input_precision=PRECISION)
+        b_tile += BLOCK_K * stride_bs
+        a_tile += BLOCK_K * stride_as
     w_ptrs = w_ptr + mod * stride_wm + offs_o[:, None] * stride_wo + offs_i[None, :] * stride_wi
     mask = mask_o[:, None] & mask_i[None, :]
     w = tl.load(w_ptrs, mask=mask, other=0.0)

@@ -47,6 +47,14 @@ def _unchanged(model, before):
     return all(torch.equal(before[k], after[k]) for k in before)
 
 
+def _assert_refused(model, out, err, match):
+    """``load_adapter`` raises ``err`` (message matching ``match``) and leaves every model tensor as it was."""
+    before = _state(model)
+    with pytest.raises(err, match=match):
+        load_adapter(model, out)
+    assert _unchanged(model, before)
+
+
 def _edit_config(folder: Path, **changes):
     cfg = json.loads((folder / "adapter_config.json").read_text())
     cfg.update(changes)
@@ -72,10 +80,7 @@ def test_valid_adapter_loads(adapter):
 def test_bad_lora_alpha_refused(adapter, alpha, err):
     out, model = adapter
     _edit_config(out, lora_alpha=alpha)
-    before = _state(model)
-    with pytest.raises(err, match=r"adapter_config\.json.*lora_alpha"):
-        load_adapter(model, out)
-    assert _unchanged(model, before)
+    _assert_refused(model, out, err, r"adapter_config\.json.*lora_alpha")
 
 
 def test_bad_alpha_pattern_value_refused(adapter):
@@ -86,19 +91,20 @@ def test_bad_alpha_pattern_value_refused(adapter):
         load_adapter(model, out)
 
 
-@pytest.mark.parametrize("r", [0, -4, 10**9, 8.5, "8"])
-def test_bad_r_refused(adapter, r):
+@pytest.mark.parametrize("changes,err,match", [
+    ({"r": 0}, AdapterFormatError, r"adapter_config\.json.*key 'r'"),
+    ({"r": -4}, AdapterFormatError, r"adapter_config\.json.*key 'r'"),
+    ({"r": 10**9}, AdapterFormatError, r"adapter_config\.json.*key 'r'"),
+    ({"r": 8.5}, AdapterFormatError, r"adapter_config\.json.*key 'r'"),
+    ({"r": "8"}, AdapterFormatError, r"adapter_config\.json.*key 'r'"),
+    ({"r": 4}, ShapeError, "declares rank 4"),  # r disagreeing with the tensors
+    # alpha within bounds but alpha / r above the scale cap (B * scale would overflow fp16)
+    ({"lora_alpha": 1e6}, AdapterFormatError, "LoRA scale"),
+], ids=["r0", "r-4", "r1e9", "r8.5", "r-str", "r-mismatch", "huge-scale"])
+def test_bad_r_or_scale_refused(adapter, changes, err, match):
     out, model = adapter
-    _edit_config(out, r=r)
-    with pytest.raises(AdapterFormatError, match=r"adapter_config\.json.*key 'r'"):
-        load_adapter(model, out)
-
-
-def test_r_disagreeing_with_tensors_refused(adapter):
-    out, model = adapter
-    _edit_config(out, r=4)
-    with pytest.raises(ShapeError, match="declares rank 4"):
-        load_adapter(model, out)
+    _edit_config(out, **changes)
+    _assert_refused(model, out, err, match)
 
 
 # ------------------------------------------------------------------ item 13: pathological pattern keys
@@ -183,10 +189,7 @@ def test_head_tensor_must_match_exactly(adapter, bad):
             t[key_w] = torch.randn(t[key_w].shape[0] + 1, t[key_w].shape[1])
 
     _edit_tensors(out, tamper)
-    before = _state(model)
-    with pytest.raises(ShapeError, match=r"adapter_model\.safetensors.*classifier\.(weight|bias).*no broadcasting"):
-        load_adapter(model, out)
-    assert _unchanged(model, before)
+    _assert_refused(model, out, ShapeError, r"adapter_model\.safetensors.*classifier\.(weight|bias).*no broadcasting")
 
 
 def test_nan_head_is_non_finite(adapter):
@@ -234,10 +237,7 @@ def test_A_rank_2_beside_B_rank_8(adapter):
         t[key_a] = t[key_a][:2].contiguous()
 
     _edit_tensors(out, tamper)
-    before = _state(model)
-    with pytest.raises(ShapeError, match=r"A has rank 2 but B has rank 8"):
-        load_adapter(model, out)
-    assert _unchanged(model, before)
+    _assert_refused(model, out, ShapeError, r"A has rank 2 but B has rank 8")
 
 
 def test_A_without_B(adapter):
@@ -276,14 +276,6 @@ def test_unknown_parameter_of_a_saved_module(adapter):
     with pytest.raises(UnknownModuleError, match=r"adapter_model\.safetensors.*classifier\.nope"):
         load_adapter(model, out)
     assert load_adapter(model, out, strict=False)
-
-
-def test_huge_scale_from_small_rank(adapter):
-    """alpha within bounds but alpha / r above the scale cap (B * scale would overflow fp16)."""
-    out, model = adapter
-    _edit_config(out, lora_alpha=1e6)
-    with pytest.raises(AdapterFormatError, match="LoRA scale"):
-        load_adapter(model, out)
 
 
 def test_every_failure_is_a_fedkernels_error(adapter):
