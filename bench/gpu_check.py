@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -48,8 +49,9 @@ def steps() -> list[Step]:
     py = sys.executable
     bench = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-s"]
     return [
+        # tests/conftest.py collects a tier folder only when FEDKERNELS_TIER names it
         Step("gpu-tier", "GPU test tier (tests/ops/gpu)", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs",
-                                                          "tests/ops/gpu"], 120),
+                                                          "tests/ops/gpu"], 120, {"FEDKERNELS_TIER": "gpu"}),
         Step("lora-linear", "masked LoRA linear fwd+bwd at T=8192 d=4096 r=16 bf16 vs base / peft",
              [*bench, "bench/bench_lora_linear.py"], 90, {"BENCH_LORA_CASES": LORA_CASE}),
         Step("multi-lora", "multi-client LoRA at n=8 (T=8192 d=4096 r=16 bf16) vs single / loop / peft",
@@ -141,6 +143,8 @@ def run_step(step: Step) -> dict:
         rec["rc"] = proc.returncode
         out = proc.stdout + proc.stderr
         rec["status"] = "passed" if proc.returncode == 0 else "failed"
+        if rec["status"] == "passed" and "pytest" in step.argv and not re.search(r"\b[1-9]\d* passed", out):
+            rec["status"] = "failed: no test passed (all skipped or none collected)"
     except subprocess.TimeoutExpired as exc:
         out = (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
         rec["rc"], rec["status"] = None, f"timeout after {step.timeout_s} s"

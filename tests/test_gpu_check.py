@@ -24,7 +24,7 @@ def test_dry_run_lists_every_step_and_exits_0():
     for name in ("gpu-tier", "lora-linear", "multi-lora", "flexlora-224", "memory-peak"):
         assert name in proc.stdout
     assert "BENCH_LORA_CASES=8192x4096x16xbfloat16" in proc.stdout and "BENCH_MULTI_NS=8" in proc.stdout
-    assert "tests/ops/gpu" in proc.stdout and "full_round_224" in proc.stdout
+    assert "FEDKERNELS_TIER=gpu" in proc.stdout and "tests/ops/gpu" in proc.stdout and "full_round_224" in proc.stdout
     budget = sum(s.timeout_s for s in gpu_check.steps())
     assert budget <= 8 * 60, f"step timeouts add up to {budget} s, above the 8-minute budget"
     assert f"at most {budget} s" in proc.stdout
@@ -38,7 +38,10 @@ def test_a_failing_or_hanging_step_is_recorded_not_fatal():
     fail = gpu_check.Step("f", "exits 3", [sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"], 30)
     hang = gpu_check.Step("h", "sleeps", [sys.executable, "-c", "import time; time.sleep(30)"], 1)
     ok = gpu_check.Step("o", "passes", [sys.executable, "-c", "print('fine')"], 30)
-    recs = [gpu_check.run_step(s) for s in (fail, hang, ok)]
+    skipped = gpu_check.Step("s", "pytest, all skipped", [sys.executable, "-c", "print('1 skipped in 0.1s')",
+                                                          "pytest"], 30)
+    recs = [gpu_check.run_step(s) for s in (fail, hang, ok, skipped)]
+    assert recs[3]["status"].startswith("failed: no test passed")
     assert recs[0]["status"] == "failed" and recs[0]["rc"] == 3 and "boom" in recs[0]["tail"]
     assert recs[1]["status"] == "timeout after 1 s" and recs[1]["seconds"] < 10
     assert recs[2]["status"] == "passed"
