@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean venv
+.PHONY: demo test lint bench gpu-check clean venv
 
 venv: $(STAMP)
 
@@ -28,6 +28,11 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m pytest bench --benchmark-enable -q
+
+# One GPU check (<= 8 min on one H100/H200): GPU tier, issue-3 benchmarks, a 224-module FlexLoRA round, the CUDA
+# memory peak; writes bench/results/gpu-*.json and .md. CI runs only `python bench/gpu_check.py --dry-run`.
+gpu-check: $(STAMP)
+	PYTHONPATH=$(CURDIR) $(PY) bench/gpu_check.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

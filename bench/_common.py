@@ -32,6 +32,25 @@ def device_name(device: torch.device | str | None = None) -> str:
     return f"cpu-{platform.machine()}-{os.cpu_count()}cores"
 
 
+def parse_cases(spec: str) -> list[tuple[int, int, int, torch.dtype]]:
+    """``"TxDxRxDTYPE,..."`` (``8192x4096x16xbfloat16``) -> ``[(T, d, r, dtype), ...]``; ValueError naming the bad
+    entry. How bench/gpu_check.py picks the issue-3 sizes out of a benchmark's own case table."""
+    out = []
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        parts = item.split("x")
+        dtype = getattr(torch, parts[-1], None) if len(parts) == 4 else None
+        if not isinstance(dtype, torch.dtype) or not all(p.isdigit() for p in parts[:3]):
+            raise ValueError(f"bench case {item!r} must read TxDxRxDTYPE, e.g. 8192x4096x16xbfloat16")
+        out.append((int(parts[0]), int(parts[1]), int(parts[2]), dtype))
+    return out
+
+
+def env_list(name: str, default: list, cast: Callable[[str], Any] = str) -> list:
+    """Comma-separated environment override of a benchmark's parameter list (``BENCH_MULTI_NS=8``)."""
+    raw = os.environ.get(name, "").strip()
+    return [cast(x.strip()) for x in raw.split(",") if x.strip()] if raw else list(default)
+
+
 def bench_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

@@ -20,6 +20,7 @@ pytest-benchmark's own statistics of the "ours" step). Results: bench/results/<d
 
 from __future__ import annotations
 
+import os
 import statistics
 
 import pytest
@@ -30,6 +31,7 @@ from bench._common import (
     bench_device,
     cpu_threads,
     cuda_median_ms,
+    parse_cases,
     record,
     sample_interleaved,
     saved_activation_bytes,
@@ -37,7 +39,9 @@ from bench._common import (
 from fedkernels.ops import lora_linear
 
 DEVICE = bench_device()
-if DEVICE.type == "cuda":
+if os.environ.get("BENCH_LORA_CASES"):  # e.g. "8192x4096x16xbfloat16,1024x2048x8xfloat32" (bench/gpu_check.py)
+    CASES = parse_cases(os.environ["BENCH_LORA_CASES"])
+elif DEVICE.type == "cuda":
     CASES = [(T, d, r, torch.bfloat16) for d in (2048, 4096) for r in (8, 16, 64) for T in (1024, 8192)]
 else:
     CASES = [(2048, 1024, 16, torch.float32)]

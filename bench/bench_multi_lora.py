@@ -31,6 +31,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bench._common import env_list
 from fedkernels.ops import build_meta, lora_linear, multi_lora_linear
 
 RESULTS_DIR = Path(__file__).parent / "results"
@@ -43,10 +44,11 @@ else:  # reduced: the 2-core CPU box does ~60 GFLOP/s in fp32 and ~1 in bf16
     # every candidate's timing equally exposed instead of letting a second thread stall at random
     THREADS = 1
 SEQ = 64
-NS = [4, 8, 32]
+# BENCH_MULTI_NS / BENCH_MULTI_MIXES narrow the table (bench/gpu_check.py runs n=8 only)
+NS = env_list("BENCH_MULTI_NS", [4, 8, 32], int)
 # "grouped": uniform, with the batch's examples ordered by client, so the sort is the identity and the
 # torch path needs no gathers (a trainer can build its batches that way)
-MIXES = ["uniform", "skewed", "distinct", "grouped"]
+MIXES = env_list("BENCH_MULTI_MIXES", ["uniform", "skewed", "distinct", "grouped"])
 
 
 def device_name() -> str:

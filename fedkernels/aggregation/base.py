@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from fedkernels.errors import ClientUpdateError, ConfigError, RankError, UnknownModuleError
+from fedkernels.errors import ClientUpdateError, ConfigError, RankError, RejectReason, UnknownModuleError
 
 __all__ = [
     "ClientUpdate",
@@ -133,7 +133,7 @@ class AggregationResult:
 
 
 # ----------------------------------------------------------------------------------------------- validation
-def _err(msg: str, cid: object, module: str | None, reason: str) -> ClientUpdateError:
+def _err(msg: str, cid: object, module: str | None, reason: RejectReason) -> ClientUpdateError:
     return ClientUpdateError(msg, client=cid, module=module, reason=reason)
 
 
@@ -161,33 +161,35 @@ def validate_update(
     cid = update.client_id
     errs: list[ClientUpdateError] = []
     if not _is_int(cid):
-        return [_err(f"client id {cid!r} is not an integer", cid, None, "client_id")]
+        return [_err(f"client id {cid!r} is not an integer", cid, None, RejectReason.CLIENT_ID)]
     if plan is None:
-        return [_err(f"client {cid} sent an update but was not sampled this round (no plan)", cid, None, "not_sampled")]
+        return [_err(f"client {cid} sent an update but was not sampled this round (no plan)", cid, None,
+                     RejectReason.NOT_SAMPLED)]
     n = update.num_samples
     if isinstance(n, bool) or not isinstance(n, numbers.Real) or not math.isfinite(float(n)) or n <= 0 or (
         not _is_int(n) and not float(n).is_integer()
     ):
-        errs.append(_err(f"client {cid}: num_samples must be a positive integer, got {n!r}", cid, None, "num_samples"))
+        errs.append(_err(f"client {cid}: num_samples must be a positive integer, got {n!r}", cid, None,
+                         RejectReason.NUM_SAMPLES))
     if not isinstance(update.factors, dict):
         return errs + [_err(f"client {cid}: factors must be a dict, got {type(update.factors).__name__}", cid, None,
-                            "shape")]
+                            RejectReason.SHAPE)]
     for m in sorted(update.factors):
         if m not in global_state.factors:
             errs.append(_err(f"client {cid}: unknown module {m!r} (not in the global adapter)", cid, m,
-                             "unknown_module"))
+                             RejectReason.UNKNOWN_MODULE))
         elif m not in plan:
             errs.append(_err(f"client {cid}: module {m!r} was not in its plan (planned: {sorted(plan)})", cid, m,
-                             "unplanned_module"))
+                             RejectReason.UNPLANNED_MODULE))
     for m in sorted(plan):
         if m not in update.factors:
             errs.append(_err(f"client {cid}: planned module {m!r} (rank {plan[m]}) is missing from the update", cid,
-                             m, "missing_module"))
+                             m, RejectReason.MISSING_MODULE))
     for m in sorted(set(update.factors) & set(plan) & set(global_state.factors)):
         pair = update.factors[m]
         if not (isinstance(pair, tuple | list) and len(pair) == 2 and all(isinstance(t, torch.Tensor) for t in pair)):
             errs.append(_err(f"client {cid}, module {m!r}: wrong shape, factors must be a pair of tensors (A, B)",
-                             cid, m, "shape"))
+                             cid, m, RejectReason.SHAPE))
             continue
         A, B = pair
         gA, gB = global_state.factors[m]
@@ -195,30 +197,31 @@ def validate_update(
         if A.dim() != 2 or B.dim() != 2 or A.shape[1] != d_in or B.shape[0] != d_out or A.shape[0] != B.shape[1]:
             errs.append(_err(
                 f"client {cid}, module {m!r}: wrong shape, A {tuple(A.shape)} / B {tuple(B.shape)} do not fit "
-                f"A [r, {d_in}], B [{d_out}, r]", cid, m, "shape"))
+                f"A [r, {d_in}], B [{d_out}, r]", cid, m, RejectReason.SHAPE))
             continue
         if not (A.is_floating_point() and B.is_floating_point()):
             errs.append(_err(f"client {cid}, module {m!r}: factors must be floating point, got {A.dtype}/{B.dtype}",
-                             cid, m, "dtype"))
+                             cid, m, RejectReason.DTYPE))
             continue
         r = A.shape[0]
         declared = update.ranks.get(m) if isinstance(update.ranks, dict) else None
         if declared != r:
             errs.append(_err(f"client {cid}, module {m!r}: declared rank {declared!r} but factors have rank {r}",
-                             cid, m, "rank"))
+                             cid, m, RejectReason.RANK))
         if r != plan[m]:
             errs.append(_err(f"client {cid}, module {m!r}: rank {r} differs from the planned rank {plan[m]}", cid, m,
-                             "rank"))
+                             RejectReason.RANK))
         elif r > R:
-            errs.append(_err(f"client {cid}, module {m!r}: rank {r} exceeds the global rank {R}", cid, m, "rank"))
+            errs.append(_err(f"client {cid}, module {m!r}: rank {r} exceeds the global rank {R}", cid, m,
+                             RejectReason.RANK))
         s = update.scales.get(m) if isinstance(update.scales, dict) else None
         if isinstance(s, bool) or not isinstance(s, numbers.Real) or not math.isfinite(float(s)) or s <= 0:
             errs.append(_err(f"client {cid}, module {m!r}: LoRA scale must be a positive finite number, got {s!r}",
-                             cid, m, "scale"))
+                             cid, m, RejectReason.SCALE))
         bad = _non_finite(A) + _non_finite(B)
         if bad:
             errs.append(_err(f"client {cid}, module {m!r}: {bad} non-finite (NaN/Inf) entries in A/B", cid, m,
-                             "non_finite"))
+                             RejectReason.NON_FINITE))
     return errs
 
 
@@ -276,7 +279,7 @@ class AggregationRule:
         for u in ordered:
             if counts[u.client_id] > 1:  # reject every copy: keeping "the first" would depend on arrival order
                 result.rejected.append(_err(f"client {u.client_id} sent {counts[u.client_id]} updates this round",
-                                            u.client_id, None, "duplicate"))
+                                            u.client_id, None, RejectReason.DUPLICATE))
                 continue
             errs = validate_update(u, plans.get(u.client_id) if _is_int(u.client_id) else None, global_state)
             if errs:
@@ -287,13 +290,33 @@ class AggregationRule:
         state.extra["round"] = global_state.round + 1
         return result
 
-    def start_for(self, global_state: GlobalState, client_id: int, plan: dict[str, int]) -> Factors:
-        """Factors client ``client_id`` starts from under ``plan``: the global factors truncated to the planned rank."""
+    def start_for(
+        self, global_state: GlobalState, client_id: int, plan: dict[str, int], scales: dict[str, float] | None = None
+    ) -> Factors:
+        """Factors client ``client_id`` starts from under ``plan``: the global factors truncated to the planned rank,
+        expressed at the client's LoRA scale ``scales[m]`` (default: the global scale), so that
+        ``s_k B_k A_k == s_g B_g A_g`` on the kept ranks and a round in which the client changes nothing leaves the
+        global product unchanged (the inverse of `folded`)."""
         out: Factors = {}
         for m, r in plan.items():
             A, B = self.planned_factors(global_state, client_id, m, r)
-            out[m] = (A[:r].clone(), B[:, :r].clone())
+            A, B = A[:r].clone(), B[:, :r].clone()
+            ratio = client_scale_ratio(global_state, client_id, m, scales)
+            if ratio != 1.0:
+                A, B = self.unfold(A, B, ratio)
+            out[m] = (A, B)
         return out
+
+    #: True for rules whose A is the shared frozen one (FFA): the whole scale ratio then goes on B, never on A.
+    frozen_A: ClassVar[bool] = False
+
+    def unfold(self, A: torch.Tensor, B: torch.Tensor, ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Global factors rewritten for a client whose scale is ``s_k = s_g / ratio``: ``sqrt(ratio)`` on each
+        factor (``ratio`` on B alone when A is frozen), so that ``s_k B' A' == s_g B A``."""
+        if self.frozen_A:
+            return A, (B.to(compute_dtype(B)) * ratio).to(B.dtype)
+        f = math.sqrt(ratio)
+        return (A.to(compute_dtype(A)) * f).to(A.dtype), (B.to(compute_dtype(B)) * f).to(B.dtype)
 
     @staticmethod
     def planned_factors(
@@ -338,6 +361,18 @@ class AggregationRule:
         ts = [u for u in updates if module in u.factors]
         total = sum(self.raw_weight(u) for u in ts)
         return [(u, self.raw_weight(u) / total) for u in ts] if total > 0 else []
+
+
+def client_scale_ratio(global_state: GlobalState, client_id: object, module: str,
+                       scales: dict[str, float] | None) -> float:
+    """``s_g / s_k`` for a client starting ``module`` at scale ``s_k = scales[module]`` (1.0 without a scale)."""
+    if scales is None or module not in scales:
+        return 1.0
+    s = scales[module]
+    if isinstance(s, bool) or not isinstance(s, numbers.Real) or not math.isfinite(float(s)) or s <= 0:
+        raise ConfigError(f"client {client_id}, module {module!r}: start scale must be a positive finite number, "
+                          f"got {s!r}")
+    return float(global_state.scales[module]) / float(s)
 
 
 def compute_dtype(t: torch.Tensor) -> torch.dtype:

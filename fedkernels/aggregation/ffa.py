@@ -19,6 +19,7 @@ __all__ = ["FFA"]
 
 class FFA(AggregationRule):
     name = "ffa"
+    frozen_A = True
 
     def _aggregate(self, state: GlobalState, updates: list[ClientUpdate], plans, result: AggregationResult) -> None:
         for m, ts in self.trained_modules(state, updates, result):

@@ -22,7 +22,7 @@ from fedkernels.aggregation.base import (
     GlobalState,
     compute_dtype,
 )
-from fedkernels.ops.aggregation import flexlora_redistribute
+from fedkernels.ops.factor_ops import flexlora_redistribute
 
 __all__ = ["FlexLoRA"]
 

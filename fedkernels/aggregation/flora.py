@@ -29,7 +29,7 @@ from fedkernels.aggregation.base import (
     note_untrained,
 )
 from fedkernels.errors import ConfigError
-from fedkernels.ops.aggregation import stack_lora
+from fedkernels.ops.factor_ops import stack_lora
 
 __all__ = ["FLoRA", "FLoRAOptions", "fresh_A"]
 
@@ -82,7 +82,11 @@ class FLoRA(AggregationRule):
                          dtype=gA.dtype, device=gA.device)
             state.factors[m] = (A0, torch.zeros_like(gB))
 
-    def start_for(self, global_state: GlobalState, client_id: int, plan: dict[str, int]) -> Factors:
+    def start_for(
+        self, global_state: GlobalState, client_id: int, plan: dict[str, int], scales: dict[str, float] | None = None
+    ) -> Factors:
+        """A fresh A of the planned rank and B = 0: the product is zero at every scale, so ``scales`` changes
+        nothing (the global product was merged into the base weight)."""
         out: Factors = {}
         for m, r in plan.items():
             gA, gB = self.planned_factors(global_state, client_id, m, r)

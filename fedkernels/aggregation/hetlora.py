@@ -154,10 +154,12 @@ class HetLoRA(AggregationRule):
 
         return penalty
 
-    def start_for(self, global_state: GlobalState, client_id: int, plan: dict[str, int]) -> Factors:
-        """Global factors truncated to the plan; ranks this client pruned are zeroed in A and B (both, so their
-        gradients vanish too and they stay pruned)."""
-        out = super().start_for(global_state, client_id, plan)
+    def start_for(
+        self, global_state: GlobalState, client_id: int, plan: dict[str, int], scales: dict[str, float] | None = None
+    ) -> Factors:
+        """Global factors truncated to the plan (at the client's scale, see `AggregationRule.start_for`); ranks this
+        client pruned are zeroed in A and B (both, so their gradients vanish too and they stay pruned)."""
+        out = super().start_for(global_state, client_id, plan, scales)
         for m, (A, B) in out.items():
             keep = self._pruned(global_state, client_id, m)
             if keep is not None and keep < A.shape[0]:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch.nn as nn
 
 from fedkernels.errors import ConfigError, UnknownModuleError
 from fedkernels.nn.lora import LoRALinear, _is_conv1d
-from fedkernels.ops._backend import BACKENDS
+from fedkernels.ops._backend import check_backend
 
 __all__ = ["LoRAConfig", "inject_lora", "lora_modules", "layer_index", "find_targets"]
 
@@ -76,8 +75,7 @@ class LoRAConfig:
         for pat, rank in self.rank_pattern.items():
             if not isinstance(rank, int) or rank < 1:
                 raise ConfigError(f"LoRAConfig.rank_pattern[{pat!r}] must be a positive integer, got {rank!r}")
-        if self.backend not in BACKENDS:
-            raise ConfigError(f"LoRAConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
+        check_backend(self.backend, "LoRAConfig.backend")
 
     def matches(self, name: str) -> bool:
         """True when the module called ``name`` is a LoRA target under this config."""
@@ -169,8 +167,3 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     """Every `LoRALinear` in ``model`` by full dotted name (the names plans and aggregation use)."""
     return {name: mod for name, mod in model.named_modules() if isinstance(mod, LoRALinear)}
 
-
-def iter_lora_parameters(model: nn.Module) -> Iterator:
-    for layer in lora_modules(model).values():
-        yield layer.lora_A
-        yield layer.lora_B

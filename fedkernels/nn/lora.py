@@ -7,9 +7,9 @@ import math
 import torch
 import torch.nn as nn
 
-from fedkernels.errors import NonFiniteError, RankError, ShapeError
+from fedkernels.errors import ConfigError, NonFiniteError, RankError, ShapeError, UnsupportedModuleError
 from fedkernels.ops import lora_linear
-from fedkernels.ops._backend import BACKENDS
+from fedkernels.ops._backend import check_backend
 
 __all__ = ["LoRALinear", "base_weight_view"]
 
@@ -26,7 +26,7 @@ def base_weight_view(base: nn.Module) -> torch.Tensor:
 
 def _check_wrappable(base: nn.Module, wrapper: str) -> None:
     if not isinstance(base, nn.Linear) and not _is_conv1d(base):
-        raise TypeError(f"{wrapper} wraps nn.Linear or transformers Conv1D, got {type(base).__name__}")
+        raise UnsupportedModuleError(f"{wrapper} wraps nn.Linear or transformers Conv1D, got {type(base).__name__}")
 
 
 def adopt_frozen_base(layer: nn.Module, base: nn.Module) -> torch.Tensor:
@@ -77,9 +77,8 @@ class LoRALinear(nn.Module):
         if int(r) < 1:
             raise RankError(f"LoRA rank r must be >= 1, got {r!r}")
         if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+            raise ConfigError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
+        check_backend(backend, "LoRALinear backend")
         weight = adopt_frozen_base(self, base)
         self.r = int(r)
         self.alpha = float(alpha if alpha is not None else r)
@@ -136,7 +135,7 @@ class LoRALinear(nn.Module):
         if mask.shape != (self.r,):
             raise ShapeError(f"rank mask must have shape ({self.r},), got {tuple(mask.shape)}")
         if not torch.all((mask == 0) | (mask == 1)):
-            raise ValueError(f"rank mask must be 0/1, got values {mask.unique().tolist()}")
+            raise RankError(f"rank mask must be 0/1, got values {mask.unique().tolist()}")
         self.rank_mask = mask.to(device=self.lora_A.device, dtype=self.lora_A.dtype)
         self.active_rank = self.r
 

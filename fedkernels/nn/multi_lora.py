@@ -18,10 +18,10 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.nn as nn
 
-from fedkernels.errors import ConfigError, RankError, ShapeError, UnknownModuleError
+from fedkernels.errors import ConfigError, NonFiniteError, RankError, ShapeError, UnknownModuleError
 from fedkernels.nn.inject import _set_submodule, lora_modules
 from fedkernels.nn.lora import LoRALinear, _check_wrappable, adopt_frozen_base, base_weight_view
-from fedkernels.ops._backend import BACKENDS
+from fedkernels.ops._backend import check_backend
 from fedkernels.ops.multi_lora import MultiLoRAMeta, build_meta, multi_lora_linear
 
 __all__ = ["ClientRouter", "MultiClientLoRA", "MultiLoRALinear", "to_multi_client"]
@@ -53,7 +53,7 @@ class ClientRouter:
             raise ShapeError(f"client ids must be integers, got dtype {ids.dtype}")
         if ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= self.num_clients):
             bad = int(ids.min()) if int(ids.min()) < -1 else int(ids.max())
-            raise ValueError(f"client id {bad} out of range [-1, {self.num_clients}) (num_clients={self.num_clients})")
+            raise ConfigError(f"client id {bad} out of range [-1, {self.num_clients}) (num_clients={self.num_clients})")
         self._ids = ids
         self._cache = {}
 
@@ -122,8 +122,7 @@ class MultiLoRALinear(nn.Module):
             raise ConfigError(f"num_clients must be >= 1, got {num_clients!r}")
         if int(r) < 1:
             raise RankError(f"LoRA rank r must be >= 1, got {r!r}")
-        if backend not in BACKENDS:
-            raise ConfigError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+        check_backend(backend, "MultiLoRALinear backend")
         weight = adopt_frozen_base(self, base)
         self.num_clients, self.r = int(num_clients), int(r)
         self.backend, self.deterministic = backend, bool(deterministic)
@@ -184,7 +183,7 @@ class MultiLoRALinear(nn.Module):
         if tuple(B.shape) != (self.out_features, A.shape[0]):
             raise ShapeError(f"slot {slot}: B must be [{self.out_features}, {A.shape[0]}], got {tuple(B.shape)}")
         if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
-            raise ShapeError(f"slot {slot}: adapter contains NaN/Inf")
+            raise NonFiniteError(f"slot {slot}: adapter contains NaN/Inf")
         r = A.shape[0]
         self.lora_A[slot].zero_()
         self.lora_B[slot].zero_()

@@ -10,6 +10,7 @@ section 3): ``adapter_config.json`` (peft_type LORA, ``r``/``lora_alpha`` plus `
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections import Counter
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from fedkernels.errors import AdapterFormatError, ShapeError, UnknownModuleError
+from fedkernels.errors import AdapterFormatError, NonFiniteError, ShapeError, UnknownModuleError
 from fedkernels.io import PICKLE_SUFFIXES, atomic_save_safetensors, atomic_write_json, load_safetensors
 from fedkernels.nn.inject import _set_submodule, lora_modules
 from fedkernels.nn.lora import LoRALinear
@@ -125,24 +126,166 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
     from peft.utils import ModulesToSaveWrapper
 
     base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
-    for name, mod in list(base.named_modules()):
+    if not isinstance(base, nn.Module):
+        raise AdapterFormatError(f"from_peft expects a peft model (an nn.Module), got {type(peft_model).__name__}")
+    todo: list[tuple[str, nn.Module]] = []
+    for name, mod in list(base.named_modules()):  # check every adapter first: a refusal leaves the model as it was
         if isinstance(mod, ModulesToSaveWrapper):
-            adapter = mod.active_adapters[0]
-            _set_submodule(base, name, mod.modules_to_save[adapter])
+            todo.append((name, mod.modules_to_save[mod.active_adapters[0]]))
         elif isinstance(mod, LoraLayer) and hasattr(mod, "base_layer"):
-            adapter = mod.active_adapters[0]
-            A = mod.lora_A[adapter].weight.detach()
-            B = mod.lora_B[adapter].weight.detach()
-            r = int(mod.r[adapter])
-            dropout = mod.lora_dropout[adapter]
-            layer = LoRALinear(mod.get_base_layer(), r=r, alpha=float(mod.scaling[adapter]) * r,
-                               dropout=float(getattr(dropout, "p", 0.0)))
-            with torch.no_grad():
-                layer.lora_A.copy_(A)
-                layer.lora_B.copy_(B)
-            layer.trainable = mod.lora_A[adapter].weight.requires_grad
-            _set_submodule(base, name, layer)
+            todo.append((name, _from_lora_layer(name, mod)))
+    for name, new in todo:
+        _set_submodule(base, name, new)
     return base
+
+
+def _from_lora_layer(name: str, mod: nn.Module) -> LoRALinear:
+    """A `LoRALinear` equal to peft ``LoraLayer`` ``mod``'s active adapter, after checking its rank, scale and
+    factors (ShapeError / NonFiniteError / AdapterFormatError naming the module)."""
+    adapter = mod.active_adapters[0]
+    A = mod.lora_A[adapter].weight.detach()
+    B = mod.lora_B[adapter].weight.detach()
+    r = mod.r[adapter]
+    if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= MAX_RANK:
+        raise AdapterFormatError(f"from_peft: module {name!r} has rank {r!r}, expected an integer in 1..{MAX_RANK}")
+    scaling = _real(mod.scaling[adapter], f"from_peft: module {name!r} scaling", lo=0.0, hi=MAX_SCALE)
+    dropout = mod.lora_dropout[adapter]
+    layer = LoRALinear(mod.get_base_layer(), r=r, alpha=scaling * r, dropout=float(getattr(dropout, "p", 0.0)))
+    for which, t, expect in (("A", A, (r, layer.in_features)), ("B", B, (layer.out_features, r))):
+        if tuple(t.shape) != expect:
+            raise ShapeError(f"from_peft: module {name!r} lora_{which} has shape {tuple(t.shape)}, expected {expect}")
+        if not torch.isfinite(t).all():
+            raise NonFiniteError(f"from_peft: module {name!r} lora_{which} contains NaN or Inf")
+    with torch.no_grad():
+        layer.lora_A.copy_(A)
+        layer.lora_B.copy_(B)
+    layer.trainable = mod.lora_A[adapter].weight.requires_grad
+    return layer
+
+
+# Bounds on adapter_config.json numbers. peft's own defaults give scales alpha/r of 0.25..2 (alpha 8..32 at r 8..64);
+# 1e4 leaves four orders of magnitude for hand-made adapters while keeping B * scale far from the fp16 maximum
+# (65504) for |B| <= 1. Ranks above 2**16 exceed any hidden size of a released model (the largest is 53248).
+MAX_SCALE = 1e4
+MAX_RANK = 2**16
+_REGEX_SYNTAX = set("*+?{}[]()|\\")
+
+
+def _literal_key(pattern: str, where: str) -> tuple[str, bool]:
+    r"""The module name a ``rank_pattern`` / ``alpha_pattern`` key stands for, and whether it is anchored at the
+    start (``^``). Keys are module names as peft writes them (``q_proj``, ``model.layers.0.q_proj``, or
+    `re.escape`-d by `export_peft`): backslash escapes and unescaped dots are read literally. Any other regex syntax
+    is refused rather than run: peft matches keys with ``re.match(rf"(.*\.)?({key})$", name)``, and a pattern such
+    as ``(a+)+$`` backtracks for hours on a 40-character name (issue 12 item 13)."""
+    if not isinstance(pattern, str) or not pattern:
+        raise AdapterFormatError(f"{where}: key {pattern!r} must be a non-empty module name")
+    out: list[str] = []
+    anchored = pattern.startswith("^")
+    body = pattern[1:] if anchored else pattern
+    if body.endswith("$") and not body.endswith("\\$"):
+        body = body[:-1]
+    i = 0
+    while i < len(body):
+        c = body[i]
+        if c == "\\" and i + 1 < len(body) and not body[i + 1].isalnum():
+            out.append(body[i + 1])
+            i += 2
+            continue
+        if c in _REGEX_SYNTAX or c in "^$":
+            raise AdapterFormatError(
+                f"{where}: key {pattern!r} is a regular expression ({c!r} at {i}); fedkernels matches pattern keys "
+                "literally or by dotted suffix (module names), as export_peft writes them"
+            )
+        out.append(c)
+        i += 1
+    if not out:
+        raise AdapterFormatError(f"{where}: key {pattern!r} names no module")
+    return "".join(out), anchored
+
+
+def _pattern_value(patterns: dict[str, tuple[str, bool, object]], name: str) -> object | None:
+    r"""Value of the first key naming ``name`` exactly or as a dotted suffix (peft's ``(.*\.)?key$`` for a literal
+    key, which is what `_literal_key` returns); None when no key matches."""
+    for lit, anchored, value in patterns.values():
+        if name == lit or (not anchored and name.endswith("." + lit)):
+            return value
+    return None
+
+
+def _real(value: object, where: str, *, lo: float, hi: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise AdapterFormatError(f"{where} must be a number, got {value!r} ({type(value).__name__})")
+    v = float(value)
+    if not math.isfinite(v):
+        raise NonFiniteError(f"{where} = {value!r} is not finite")
+    if not lo < v <= hi:
+        raise AdapterFormatError(f"{where} = {value!r} is outside ({lo:g}, {hi:g}]")
+    return v
+
+
+def _rank(value: object, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_RANK:
+        raise AdapterFormatError(f"{where} must be an integer rank in 1..{MAX_RANK}, got {value!r}")
+    return int(value)
+
+
+class _AdapterConfig:
+    """The parts of a peft ``adapter_config.json`` the loader uses, validated once: default ``r`` / ``lora_alpha``,
+    ``rank_pattern`` / ``alpha_pattern`` (literal keys, see `_literal_key`) and ``use_rslora``. Every failure is
+    an AdapterFormatError (NonFiniteError for NaN/Inf) naming the file and the key."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.present = path.exists()
+        raw: object = {}
+        if self.present:
+            try:
+                raw = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise AdapterFormatError(f"{str(path)!r} is not valid JSON: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise AdapterFormatError(f"{str(path)!r} must hold a JSON object, got {type(raw).__name__}")
+        where = f"{str(path)!r}"
+        self.r = _rank(raw["r"], f"{where} key 'r'") if raw.get("r") is not None else None
+        alpha = raw.get("lora_alpha")
+        self.alpha = None if alpha is None else _real(alpha, f"{where} key 'lora_alpha'", lo=0.0,
+                                                      hi=MAX_SCALE * MAX_RANK)
+        rs = raw.get("use_rslora", False)
+        if not isinstance(rs, bool) and rs is not None:
+            raise AdapterFormatError(f"{where} key 'use_rslora' must be true or false, got {rs!r}")
+        self.use_rslora = bool(rs)
+        self.rank_pattern = self._patterns(raw, "rank_pattern")
+        self.alpha_pattern = self._patterns(raw, "alpha_pattern")
+
+    def _patterns(self, raw: dict, key: str) -> dict[str, tuple[str, bool, object]]:
+        pats = raw.get(key) or {}
+        where = f"{str(self.path)!r} key {key!r}"
+        if not isinstance(pats, dict):
+            raise AdapterFormatError(f"{where} must be a JSON object (module -> value), got {type(pats).__name__}")
+        return {k: (*_literal_key(k, where), v) for k, v in pats.items()}
+
+    def rank(self, name: str) -> int | None:
+        """The rank the config declares for module ``name`` (None: no config, or no ``r``)."""
+        v = _pattern_value(self.rank_pattern, name)
+        if v is not None:
+            return _rank(v, f"{str(self.path)!r} key 'rank_pattern' for module {name!r}")
+        return self.r
+
+    def scale(self, name: str, rank: int) -> float | None:
+        """``alpha / r`` (rsLoRA: ``alpha / sqrt(r)``) of module ``name`` at ``rank``; None without a config."""
+        if not self.present:
+            return None
+        v = _pattern_value(self.alpha_pattern, name)
+        if v is not None:
+            alpha = _real(v, f"{str(self.path)!r} key 'alpha_pattern' for module {name!r}", lo=0.0,
+                          hi=MAX_SCALE * MAX_RANK)
+        else:
+            alpha = float(rank) if self.alpha is None else self.alpha
+        scale = alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
+        if not scale <= MAX_SCALE:
+            raise AdapterFormatError(f"{str(self.path)!r}: module {name!r} would get the LoRA scale {scale:g} "
+                                     f"(alpha {alpha:g}, rank {rank}), above {MAX_SCALE:g}")
+        return scale
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, *, strict: bool = True) -> dict[str, int]:
@@ -151,10 +294,16 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, strict: bool = Tr
     Pickle files are refused. A module's rank in the file may be below the layer's maximum: the first
     ranks are filled and the active rank set. B is rescaled when the file's scale (from
     ``adapter_config.json``) differs from the layer's, so the product is what the file describes.
+    ``modules_to_save`` tensors must match the model's parameter shapes exactly (no broadcasting).
+    Everything is checked before the model is changed, so a refused adapter leaves the model as it was.
     Returns module -> loaded rank.
 
     Raises:
-        AdapterFormatError, NonFiniteError, UnknownModuleError, ShapeError.
+        AdapterFormatError: malformed file, config (JSON, types, out-of-range ``r`` / ``lora_alpha``, regex pattern
+            keys), or an A without its B.
+        NonFiniteError: NaN/Inf in a tensor or in ``lora_alpha`` / ``alpha_pattern``.
+        UnknownModuleError: a key for a module the model does not have (``strict``).
+        ShapeError: a tensor whose shape does not fit its module, or A and B of different ranks.
     """
     path = Path(path)
     if path.is_dir():
@@ -168,58 +317,83 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, strict: bool = Tr
         cfg_path = path.with_name("adapter_config.json")
         file = path
     tensors = load_safetensors(file)
-    cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+    cfg = _AdapterConfig(cfg_path)
+    where = f"{str(file)!r}"
     layers = lora_modules(model)
     saved = _save_modules(model)
-    loaded: dict[str, int] = {}
-    other: dict[str, torch.Tensor] = {}
+    factors: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
+    params: list[tuple[str, torch.Tensor, torch.Tensor]] = []
     for key, t in tensors.items():
         k = key[len(PREFIX):] if key.startswith(PREFIX) else key
         m = re.fullmatch(r"(.+)\.lora_([AB])(?:\.default)?\.weight", k)
         if m is None:
-            other[k] = t
+            owner = next((n for n in saved if k.startswith(n + ".")), None)
+            param = None
+            if owner is not None:
+                try:
+                    param = saved[owner].get_parameter(k[len(owner) + 1:])
+                except AttributeError:
+                    param = None
+            if param is None:
+                if strict:
+                    raise UnknownModuleError(f"{where} key {key!r} belongs to no LoRA module or modules_to_save "
+                                             "parameter of the model")
+                continue
+            if tuple(t.shape) != tuple(param.shape):
+                raise ShapeError(f"{where} key {key!r} has shape {tuple(t.shape)}, the model's parameter "
+                                 f"{owner}.{k[len(owner) + 1:]} has {tuple(param.shape)} (no broadcasting)")
+            if not t.is_floating_point():
+                raise AdapterFormatError(f"{where} key {key!r} has dtype {t.dtype}, expected floating point")
+            params.append((key, param, t))
             continue
         name, which = m.group(1), m.group(2)
         if name not in layers:
             if strict:
-                raise UnknownModuleError(f"adapter key {key!r}: module {name!r} is not a LoRA module of the model")
+                raise UnknownModuleError(f"{where} key {key!r}: module {name!r} is not a LoRA module of the model")
             continue
+        if t.dim() != 2 or not t.is_floating_point():
+            raise ShapeError(f"{where} key {key!r} must be a 2-d floating-point matrix, got shape {tuple(t.shape)} "
+                             f"{t.dtype}")
+        if which in factors.setdefault(name, {}):
+            raise AdapterFormatError(f"{where} keys {factors[name][which][0]!r} and {key!r} both give lora_{which} "
+                                     f"of module {name!r}")
+        factors[name][which] = (key, t)
+    plan: list[tuple[str, LoRALinear, torch.Tensor, torch.Tensor, int, float]] = []
+    for name, pair in factors.items():
+        if set(pair) != {"A", "B"}:
+            have = next(iter(pair.values()))[0]
+            raise AdapterFormatError(f"{where} key {have!r}: module {name!r} has lora_{next(iter(pair))} but no "
+                                     f"lora_{'B' if 'A' in pair else 'A'}")
         layer = layers[name]
-        rank = t.shape[0] if which == "A" else t.shape[1]
+        (kA, A), (kB, B) = pair["A"], pair["B"]
+        rank = int(A.shape[0])
+        if int(B.shape[1]) != rank:
+            raise ShapeError(f"{where} keys {kA!r} / {kB!r}: A has rank {rank} but B has rank {int(B.shape[1])} "
+                             f"(module {name!r})")
         if rank > layer.r:
-            raise ShapeError(f"adapter {name!r} has rank {rank} in the file but the layer's maximum rank is {layer.r}")
-        expect = (rank, layer.in_features) if which == "A" else (layer.out_features, rank)
-        if tuple(t.shape) != expect:
-            raise ShapeError(f"adapter key {key!r} has shape {tuple(t.shape)}, expected {expect} for module {name!r}")
-        with torch.no_grad():
-            if which == "A":
-                layer.lora_A.zero_()
-                layer.lora_A[:rank].copy_(t)
-            else:
-                file_scale = _file_scale(cfg, name, rank)
-                factor = file_scale / layer.scale if file_scale is not None else 1.0
-                layer.lora_B.zero_()
-                layer.lora_B[:, :rank].copy_(t * factor)
-        layer.set_active_rank(rank)
-        loaded[name] = rank
-    for k, t in other.items():
-        owner = next((n for n in saved if k.startswith(n + ".")), None)
-        if owner is None:
-            if strict:
-                raise UnknownModuleError(f"adapter key {k!r} belongs to no LoRA module or modules_to_save entry")
-            continue
-        param = saved[owner].get_parameter(k[len(owner) + 1:])
-        with torch.no_grad():
+            raise ShapeError(f"{where} key {kA!r}: module {name!r} has rank {rank} in the file but the layer's "
+                             f"maximum rank is {layer.r}")
+        for k, t, expect in ((kA, A, (rank, layer.in_features)), (kB, B, (layer.out_features, rank))):
+            if tuple(t.shape) != expect:
+                raise ShapeError(f"{where} key {k!r} has shape {tuple(t.shape)}, expected {expect} for module "
+                                 f"{name!r}")
+        declared = cfg.rank(name)
+        if declared is not None and declared != rank:
+            raise ShapeError(f"{where} key {kA!r}: module {name!r} has rank {rank} but {str(cfg_path)!r} declares "
+                             f"rank {declared} (r / rank_pattern)")
+        file_scale = cfg.scale(name, rank)
+        factor = file_scale / layer.scale if file_scale is not None else 1.0
+        if not math.isfinite(factor) or not torch.isfinite(B.double() * factor).all():
+            raise NonFiniteError(f"{where} key {kB!r}: B rescaled by {factor:g} (file scale / layer scale) is not "
+                                 f"finite in module {name!r}")
+        plan.append((name, layer, A, B, rank, factor))
+    with torch.no_grad():
+        for _, layer, A, B, rank, factor in plan:
+            layer.lora_A.zero_()
+            layer.lora_A[:rank].copy_(A)
+            layer.lora_B.zero_()
+            layer.lora_B[:, :rank].copy_(B * factor)
+            layer.set_active_rank(rank)
+        for _, param, t in params:
             param.copy_(t)
-    return loaded
-
-
-def _file_scale(cfg: dict, name: str, rank: int) -> float | None:
-    if not cfg:
-        return None
-    alpha = cfg.get("lora_alpha", rank)
-    for pat, a in (cfg.get("alpha_pattern") or {}).items():
-        if re.match(rf"(.*\.)?(?:{pat})$", name):
-            alpha = a
-            break
-    return alpha / (rank**0.5) if cfg.get("use_rslora") else alpha / rank
+    return {name: rank for name, _, _, _, rank, _ in plan}

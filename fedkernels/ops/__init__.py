@@ -2,7 +2,7 @@
 
 from fedkernels.ops._backend import BACKENDS, resolve_backend, triton_available
 from fedkernels.ops._scratch import release_scratch, scratch_bytes
-from fedkernels.ops.aggregation import factor_svd, flexlora_redistribute, merge_stacked, stack_lora
+from fedkernels.ops.factor_ops import factor_svd, flexlora_redistribute, merge_stacked, stack_lora
 from fedkernels.ops.lora_linear import LoRALinearFunction, dropout_keep_mask, lora_linear
 
 __all__ = [

@@ -23,10 +23,17 @@ def triton_available() -> bool:
     return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def check_backend(backend: object, where: str = "backend") -> str:
+    """``backend`` if it is one of `BACKENDS`; otherwise BackendError naming ``where`` and the value. The one check
+    every layer, config and op uses, so an unknown backend is the same error everywhere (issue 11 item 5)."""
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise BackendError(f"unknown {where} {backend!r}; expected one of {', '.join(BACKENDS)}")
+    return backend
+
+
 def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
     """Map a requested backend name to the concrete one ("torch" or "triton")."""
-    if backend not in BACKENDS:
-        raise BackendError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    check_backend(backend)
     if backend == "torch":
         return "torch"
     on_cuda = any(t is not None and t.is_cuda for t in tensors)

@@ -22,6 +22,8 @@ import threading
 
 import torch
 
+from fedkernels.errors import ConfigError
+
 __all__ = ["scratch", "release_scratch", "scratch_bytes"]
 
 
@@ -38,9 +40,9 @@ def _limit_bytes() -> int:
     try:
         mb = float(raw)
     except ValueError as exc:
-        raise ValueError(f"FEDKERNELS_SCRATCH_MB must be a number of MiB, got {raw!r}") from exc
+        raise ConfigError(f"FEDKERNELS_SCRATCH_MB must be a number of MiB, got {raw!r}") from exc
     if not mb >= 0:
-        raise ValueError(f"FEDKERNELS_SCRATCH_MB must be >= 0, got {raw!r}")
+        raise ConfigError(f"FEDKERNELS_SCRATCH_MB must be >= 0, got {raw!r}")
     return int(mb * 2**20)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fedkernels.errors import ShapeError
+from fedkernels.errors import ConfigError, ShapeError
 from fedkernels.ops._backend import resolve_backend
 
 __all__ = ["lora_linear", "LoRALinearFunction", "dropout_keep_mask"]
@@ -160,7 +160,7 @@ def lora_linear(
     """
     _check_shapes(x, weight, bias, lora_A, lora_B, rank_mask)
     if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+        raise ConfigError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
     if dropout_p > 0.0 and dropout_seed is None:
         dropout_seed = int(torch.randint(0, 2**62, (1,)).item())
     chosen = resolve_backend(backend, x, weight)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fedkernels.errors import RankError, ShapeError
+from fedkernels.errors import ConfigError, RankError, ShapeError
 from fedkernels.ops._backend import resolve_backend
 
 __all__ = ["MultiLoRAMeta", "MultiLoRAFunction", "build_meta", "multi_lora_linear"]
@@ -98,14 +98,14 @@ def build_meta(client_ids: torch.Tensor | Sequence[int], num_clients: int) -> Mu
     if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
         raise ShapeError(f"client_ids must be an integer tensor, got dtype {ids.dtype}")
     if int(num_clients) < 1:
-        raise ValueError(f"num_clients must be >= 1, got {num_clients!r}")
+        raise ConfigError(f"num_clients must be >= 1, got {num_clients!r}")
     ids = ids.reshape(-1).to(torch.int64)
     device = ids.device
     if ids.numel():
         lo, hi = int(ids.min()), int(ids.max())
         if lo < -1 or hi >= num_clients:
             bad = lo if lo < -1 else hi
-            raise ValueError(f"client id {bad} out of range [-1, {num_clients}) (num_clients={num_clients})")
+            raise ConfigError(f"client id {bad} out of range [-1, {num_clients}) (num_clients={num_clients})")
     # -1 sorts first; stable keeps each client's tokens in their original order (deterministic reductions).
     _, order = torch.sort(ids, stable=True)
     counts = torch.bincount(ids + 1, minlength=num_clients + 1)[1:]  # slot 0 counts the -1 tokens; no sync

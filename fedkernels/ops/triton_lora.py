@@ -34,13 +34,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from fedkernels.errors import BackendError, ShapeError
+from fedkernels.errors import BackendError, ConfigError, ShapeError
+from fedkernels.ops._triton_utils import dot_precision, interpreting, rank_block, sm_count
 
 __all__ = [
     "GEMM_CANDIDATES",
@@ -58,7 +59,9 @@ __all__ = [
     "SMEM_LIMIT_BYTES",
 ]
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# Largest rank tile of the shrink and skinny kernels: their fp32 [BLOCK_T, BLOCK_R] / [BLOCK_R, BLOCK_N] accumulators
+# stay in registers up to 64; higher ranks loop over rank tiles (grid axis 1).
+MAX_BLOCK_R = 64
 
 # Max dynamic shared memory per block (CUDA programming guide, "Compute capabilities" table): sm_80 (A100)
 # 163 KiB of its 164 KiB/SM, sm_86/sm_89 99 KiB, sm_90 (H100) 227 KiB of its 228 KiB/SM.
@@ -86,7 +89,15 @@ def _lora_shrink_kernel(
     BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """H[t, r] = scale * sum_k drop(X)[t, k] * A[r, k] * mask[r], fp32 out; A is read only below the active rank."""
+    """H[t, r] = scale * sum_k drop(X)[t, k] * A[r, k] * mask[r], fp32 out; A is read only below the active rank.
+
+    Arguments: X [T, K] input rows; A [R, K] factor read through (stride_ar, stride_ak), so the backward passes
+    B^T as A by swapping strides; MASK [R] rank mask (or any valid pointer when HAS_MASK is off); RACT [1] int32
+    active rank (ranks >= it are never read); H [T, R] fp32 output. scale: the LoRA scale folded in here;
+    p_drop / inv_keep = 1 / (1 - p_drop) / seed: dropout on X, regenerated from (seed, t, k) so the backward
+    needs no stored mask. BLOCK_R tiles the rank (grid axis 1), BLOCK_K the reduction. DOT_F32 / PRECISION: see
+    `_dot` and `dot_precision`.
+    """
     pid_t = tl.program_id(0)
     pid_r = tl.program_id(1)
     r_act = tl.load(RACT)
@@ -131,6 +142,12 @@ def _lora_fused_gemm_kernel(
 
     Forward: X=x, Wk[k, n]=W[n, k], LB[r, n]=B[n, r]. Backward dx: X=g, Wk=W, H=gh, LB=A and, with dropout,
     the rank term gets its own accumulator and the regenerated keep-mask at (row, col) in the epilogue.
+
+    Arguments: X [M, K]; W the base weight read as Wk [K, N] through (stride_wk, stride_wn); BIAS [N] (any valid
+    pointer when HAS_BIAS is off); H [M, R] fp32 from the shrink kernel; LB [R, N] through (stride_br, stride_bn);
+    RACT [1] int32 active rank (the rank loop stops there); Y [M, N] output in X's dtype. p_drop / inv_keep /
+    seed: the keep-mask of the dx epilogue (DROPOUT_EPILOGUE). Tiles BLOCK_M x BLOCK_N over K in BLOCK_K steps,
+    the rank term in BLOCK_R steps; GROUP_M groups row tiles for L2 reuse of W (the usual Triton matmul swizzle).
     """
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -202,6 +219,10 @@ def _lora_skinny_tn_kernel(
     dA: P=gh, Q=x (with dropout). dB^T: P=h, Q=g. Split over T because the output is tiny (R x N): at N=4096,
     BLOCK_N=128 there are only 32 output tiles for 132 SMs. Partials + a separate sum keep it deterministic
     (no atomics). Rank tiles above the active rank skip the T loop and store zeros.
+
+    Arguments: P [T, R] fp32; Q [T, N]; RACT [1] int32 active rank; OUT [splits, R, N] fp32 partials, one slice
+    per grid axis 2; t_per_split: rows each split reduces (a multiple of BLOCK_T). p_drop / inv_keep / seed:
+    dropout regenerated on Q (the dA product). Grid (N tiles, rank tiles of BLOCK_R, splits).
     """
     pid_n = tl.program_id(0)
     pid_r = tl.program_id(1)
@@ -269,9 +290,9 @@ class KernelConfig:
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             if not isinstance(v, int) or v < 1 or (f.name not in ("gemm_stages", "small_stages") and v & (v - 1)):
-                raise ValueError(f"KernelConfig.{f.name} must be a positive power of two, got {v!r}")
+                raise ConfigError(f"KernelConfig.{f.name} must be a positive power of two, got {v!r}")
         if self.block_r < 16 or self.gemm_k < 16 or self.shrink_k < 16 or self.skinny_t < 16:
-            raise ValueError(f"dot dimensions must be >= 16 (tl.dot minimum), got {self}")
+            raise ConfigError(f"dot dimensions must be >= 16 (tl.dot minimum), got {self}")
 
 
 # Under the interpreter every program runs serially (~30-65 ms each, kernels.md section 4): 16-wide blocks
@@ -313,22 +334,15 @@ def _arch_key(capability: tuple[int, int]) -> int:
 
 def select_config(device: torch.device, dtype: torch.dtype) -> KernelConfig:
     """Fixed config for the interpreter / CPU tensors, else the table row of this GPU's arch and dtype."""
-    if INTERPRET or device.type != "cuda":
+    if interpreting() or device.type != "cuda":
         return INTERPRETER_CONFIG
     size = 2 if dtype in (torch.float16, torch.bfloat16) else 4
     return GPU_CONFIGS[(_arch_key(torch.cuda.get_device_capability(device)), size)]
 
 
-def _precision(dtype: torch.dtype) -> str:
-    # fp32 inputs follow torch's own switch: TF32 tensor cores only when torch would use them too.
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
-
-
 def _dot_f32(dtype: torch.dtype) -> bool:
     # The interpreter's bf16 dot multiplies raw bit patterns (triton #11584): upcast there only.
-    return INTERPRET and dtype == torch.bfloat16
+    return interpreting() and dtype == torch.bfloat16
 
 
 # ----------------------------------------------------------------------------------------------------- launchers
@@ -340,10 +354,13 @@ def _active_rank(rank_mask: torch.Tensor | None, rank: int, device: torch.device
     return (idx * (rank_mask != 0)).amax().reshape(1).to(torch.int32)
 
 
-def _shrink(x, a_ptr, stride_ar, stride_ak, rank, mask, r_act, scale, p, seed, cfg):
+def _shrink(x: torch.Tensor, a_ptr: torch.Tensor, stride_ar: int, stride_ak: int, rank: int,
+            mask: torch.Tensor | None, r_act: torch.Tensor, scale: float, p: float, seed: int,
+            cfg: KernelConfig) -> torch.Tensor:
+    """[T, R] fp32 ``h = scale * drop(x) A^T * mask`` with A read through (stride_ar, stride_ak)."""
     T, K = x.shape
     h = torch.empty((T, rank), dtype=torch.float32, device=x.device)
-    block_r = min(64, max(cfg.block_r, triton.next_power_of_2(rank)))
+    block_r = rank_block(rank, minimum=cfg.block_r, maximum=MAX_BLOCK_R)
     grid = (triton.cdiv(T, cfg.shrink_t), triton.cdiv(rank, block_r))
     _lora_shrink_kernel[grid](
         x, a_ptr, mask if mask is not None else r_act, r_act, h,
@@ -352,32 +369,50 @@ def _shrink(x, a_ptr, stride_ar, stride_ak, rank, mask, r_act, scale, p, seed, c
         float(scale), float(p), 1.0 / (1.0 - p), int(seed),
         HAS_MASK=mask is not None, HAS_DROPOUT=p > 0.0,
         BLOCK_T=cfg.shrink_t, BLOCK_R=block_r, BLOCK_K=cfg.shrink_k,
-        DOT_F32=_dot_f32(x.dtype), PRECISION=_precision(x.dtype),
+        DOT_F32=_dot_f32(x.dtype), PRECISION=dot_precision(x.dtype),
         num_warps=cfg.small_warps, num_stages=cfg.small_stages,
     )
     return h
 
 
-def _fused_gemm(x, w, stride_wk, stride_wn, n_out, bias, h, lb, stride_br, stride_bn, r_act, p, seed, cfg):
-    args = (x, w, stride_wk, stride_wn, n_out, bias, h, lb, stride_br, stride_bn, r_act, p, seed)
+class FusedGemmArgs(NamedTuple):
+    """Operands of one fused GEMM launch (`_lora_fused_gemm_kernel`): ``Y = X @ Wk + bias + H @ LB``."""
+
+    x: torch.Tensor  # [M, K] rows (x forward, g for dx)
+    w: torch.Tensor  # base weight, read as Wk [K, N] through (stride_wk, stride_wn)
+    stride_wk: int
+    stride_wn: int
+    n_out: int  # N: output columns
+    bias: torch.Tensor | None  # [N] or None
+    h: torch.Tensor  # [M, R] fp32 shrink output
+    lb: torch.Tensor  # the other factor, read as LB [R, N] through (stride_br, stride_bn)
+    stride_br: int
+    stride_bn: int
+    r_act: torch.Tensor  # [1] int32 active rank
+    p: float  # dropout probability of the dx epilogue (0: none)
+    seed: int  # dropout seed
+
+
+def _fused_gemm(g: FusedGemmArgs, cfg: KernelConfig) -> torch.Tensor:
     if autotune_enabled():
-        cfg = _tuned_gemm_config(args, cfg)
-    return _launch_fused_gemm(*args, cfg)
+        cfg = _tuned_gemm_config(g, cfg)
+    return _launch_fused_gemm(g, cfg)
 
 
-def _launch_fused_gemm(x, w, stride_wk, stride_wn, n_out, bias, h, lb, stride_br, stride_bn, r_act, p, seed, cfg):
+def _launch_fused_gemm(g: FusedGemmArgs, cfg: KernelConfig) -> torch.Tensor:
+    x, p = g.x, g.p
     M, K = x.shape
-    y = torch.empty((M, n_out), dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(M, cfg.gemm_m) * triton.cdiv(n_out, cfg.gemm_n),)
+    y = torch.empty((M, g.n_out), dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(M, cfg.gemm_m) * triton.cdiv(g.n_out, cfg.gemm_n),)
     _lora_fused_gemm_kernel[grid](
-        x, w, bias if bias is not None else y, h, lb, r_act, y,
-        M, n_out, K,
-        x.stride(0), x.stride(1), stride_wk, stride_wn, h.stride(0), h.stride(1), stride_br, stride_bn,
+        x, g.w, g.bias if g.bias is not None else y, g.h, g.lb, g.r_act, y,
+        M, g.n_out, K,
+        x.stride(0), x.stride(1), g.stride_wk, g.stride_wn, g.h.stride(0), g.h.stride(1), g.stride_br, g.stride_bn,
         y.stride(0), y.stride(1),
-        float(p), 1.0 / (1.0 - p), int(seed),
-        HAS_BIAS=bias is not None, DROPOUT_EPILOGUE=p > 0.0,
+        float(p), 1.0 / (1.0 - p), int(g.seed),
+        HAS_BIAS=g.bias is not None, DROPOUT_EPILOGUE=p > 0.0,
         BLOCK_M=cfg.gemm_m, BLOCK_N=cfg.gemm_n, BLOCK_K=cfg.gemm_k, BLOCK_R=cfg.block_r, GROUP_M=cfg.group_m,
-        DOT_F32=_dot_f32(x.dtype), PRECISION=_precision(x.dtype),
+        DOT_F32=_dot_f32(x.dtype), PRECISION=dot_precision(x.dtype),
         num_warps=cfg.gemm_warps, num_stages=cfg.gemm_stages,
     )
     return y
@@ -404,7 +439,7 @@ def autotune_enabled() -> bool:
 def gemm_candidates(device: torch.device, dtype: torch.dtype) -> list[KernelConfig]:
     """Configs the tuner tries: the table row first, then the arch's GEMM_CANDIDATES (16-bit dtypes only)."""
     base = select_config(device, dtype)
-    if INTERPRET or device.type != "cuda":
+    if interpreting() or device.type != "cuda":
         return [base, dataclasses.replace(base, gemm_m=32, gemm_n=32)]
     if dtype == torch.float32:
         return [base]
@@ -415,7 +450,7 @@ def gemm_candidates(device: torch.device, dtype: torch.dtype) -> list[KernelConf
 
 
 def _bench_ms(fn) -> float:
-    if torch.cuda.is_available() and not INTERPRET:
+    if torch.cuda.is_available() and not interpreting():
         from triton.testing import do_bench
 
         return float(do_bench(fn, warmup=5, rep=25, return_mode="median"))
@@ -426,11 +461,11 @@ def _bench_ms(fn) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def _tuned_gemm_config(args, default: KernelConfig) -> KernelConfig:
-    x, n_out, p = args[0], args[4], args[11]
-    key = (str(x.device), x.dtype, triton.next_power_of_2(x.shape[0]), n_out, x.shape[1], p > 0.0)
+def _tuned_gemm_config(g: FusedGemmArgs, default: KernelConfig) -> KernelConfig:
+    x = g.x
+    key = (str(x.device), x.dtype, triton.next_power_of_2(x.shape[0]), g.n_out, x.shape[1], g.p > 0.0)
     if key not in _TUNED:
-        timings = [(_bench_ms(lambda c=c: _launch_fused_gemm(*args, c)), i, c)
+        timings = [(_bench_ms(lambda c=c: _launch_fused_gemm(g, c)), i, c)
                    for i, c in enumerate(gemm_candidates(x.device, x.dtype))]
         _TUNED[key] = min(timings)[2] if timings else default
     return dataclasses.replace(default, **{f: getattr(_TUNED[key], f) for f in
@@ -441,14 +476,15 @@ def _num_splits(T: int, out_tiles: int, cfg: KernelConfig, device: torch.device)
     t_tiles = triton.cdiv(T, cfg.skinny_t)
     if device.type != "cuda":
         return min(2, t_tiles)  # interpreter: two splits exercise the partial-sum path at no real cost
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = sm_count(device)
     return max(1, min(t_tiles, triton.cdiv(2 * sms, max(out_tiles, 1))))  # ~2 programs per SM
 
 
-def _skinny_tn(pmat, q, rank, r_act, p, seed, cfg):
+def _skinny_tn(pmat: torch.Tensor, q: torch.Tensor, rank: int, r_act: torch.Tensor, p: float, seed: int,
+               cfg: KernelConfig) -> torch.Tensor:
     """[R, N] fp32 = pmat^T drop(q), reduced over all T rows."""
     T, N = q.shape
-    block_r = min(64, max(cfg.block_r, triton.next_power_of_2(rank)))
+    block_r = rank_block(rank, minimum=cfg.block_r, maximum=MAX_BLOCK_R)
     n_tiles, r_tiles = triton.cdiv(N, cfg.skinny_n), triton.cdiv(rank, block_r)
     splits = _num_splits(T, n_tiles * r_tiles, cfg, q.device)
     t_per_split = triton.cdiv(triton.cdiv(T, splits), cfg.skinny_t) * cfg.skinny_t
@@ -461,7 +497,7 @@ def _skinny_tn(pmat, q, rank, r_act, p, seed, cfg):
         float(p), 1.0 / (1.0 - p), int(seed),
         HAS_DROPOUT=p > 0.0,
         BLOCK_T=cfg.skinny_t, BLOCK_R=block_r, BLOCK_N=cfg.skinny_n,
-        DOT_F32=_dot_f32(q.dtype), PRECISION=_precision(q.dtype),
+        DOT_F32=_dot_f32(q.dtype), PRECISION=dot_precision(q.dtype),
         num_warps=cfg.small_warps, num_stages=cfg.small_stages,
     )
     return part[0] if splits == 1 else part.sum(0)  # fixed-order sum: deterministic
@@ -495,8 +531,9 @@ class TritonLoRALinearFunction(torch.autograd.Function):
         h = _shrink(x, lora_A, lora_A.stride(0), lora_A.stride(1), rank, rank_mask, r_act, scale, dropout_p, seed,
                     cfg)
         # y = x W^T + b + h B^T: Wk[k, n] = W[n, k], LB[r, n] = B[n, r].
-        y = _fused_gemm(x, weight, weight.stride(1), weight.stride(0), weight.shape[0], bias,
-                        h, lora_B, lora_B.stride(1), lora_B.stride(0), r_act, 0.0, 0, cfg)
+        y = _fused_gemm(FusedGemmArgs(x=x, w=weight, stride_wk=weight.stride(1), stride_wn=weight.stride(0),
+                                      n_out=weight.shape[0], bias=bias, h=h, lb=lora_B, stride_br=lora_B.stride(1),
+                                      stride_bn=lora_B.stride(0), r_act=r_act, p=0.0, seed=0), cfg)
         need_x, need_w, _, need_a, need_b = ctx.needs_input_grad[:5]
         ctx.save_for_backward(x if (need_a or need_w) else None, weight, lora_A, lora_B,
                               h if need_b else None, rank_mask, r_act)
@@ -518,8 +555,10 @@ class TritonLoRALinearFunction(torch.autograd.Function):
                          cfg)
         if need_x:
             # dx = g W + (gh A) * K: Wk = W [out, in] as is, LB = A [R, in].
-            dx = _fused_gemm(g, weight, weight.stride(0), weight.stride(1), weight.shape[1], None,
-                             gh, lora_A, lora_A.stride(0), lora_A.stride(1), r_act, ctx.p, ctx.seed, cfg)
+            dx = _fused_gemm(FusedGemmArgs(x=g, w=weight, stride_wk=weight.stride(0), stride_wn=weight.stride(1),
+                                           n_out=weight.shape[1], bias=None, h=gh, lb=lora_A,
+                                           stride_br=lora_A.stride(0), stride_bn=lora_A.stride(1), r_act=r_act,
+                                           p=ctx.p, seed=ctx.seed), cfg)
         if need_a:
             dA = _skinny_tn(gh, x, rank, r_act, ctx.p, ctx.seed, cfg).to(lora_A.dtype)
         if need_b:
@@ -553,7 +592,7 @@ def lora_linear_triton(
     if any(t.device != x.device for t in tensors):
         raise BackendError(f"triton backend needs every tensor on one device; x is on {x.device}, got "
                            f"{sorted({str(t.device) for t in tensors})}")
-    if x.device.type != "cuda" and not INTERPRET:
+    if x.device.type != "cuda" and not interpreting():
         raise BackendError(f"backend='triton' on {x.device} tensors needs TRITON_INTERPRET=1 set before triton is "
                            "imported (CPU kernels run only in the interpreter); use backend='torch' or 'auto'")
     if x.dim() != 2:
@@ -562,7 +601,7 @@ def lora_linear_triton(
     if big:
         raise ShapeError(f"triton backend uses int32 offsets; tensors of shape {big} have >= 2**31 elements")
     if dropout_p > 0.0 and dropout_seed is None:
-        raise ValueError(f"dropout_p={dropout_p!r} needs a dropout_seed")
+        raise ConfigError(f"dropout_p={dropout_p!r} needs a dropout_seed")
     if x.shape[0] == 0:
         # No tokens: nothing to launch; torch ops on empty tensors keep autograd's zero gradients.
         return torch.nn.functional.linear(x, weight, bias) + (x @ lora_A.t()) @ lora_B.t() * scale
@@ -612,13 +651,13 @@ def compile_specs(arch: int = 90, dtype: torch.dtype = torch.bfloat16, rank: int
     ``config`` overrides the table row (the compile tier passes each autotune candidate).
     """
     if precision not in ("tf32", "ieee"):
-        raise ValueError(f"precision must be 'tf32' or 'ieee', got {precision!r}")
+        raise ConfigError(f"precision must be 'tf32' or 'ieee', got {precision!r}")
     if config is None:
         config = GPU_CONFIGS[(_arch_key((arch // 10, arch % 10)), 2 if dtype != torch.float32 else 4)]
     cfg = config
     dt = _TRITON_DTYPE[dtype]
     prec = precision
-    block_r = min(64, max(cfg.block_r, triton.next_power_of_2(rank)))
+    block_r = rank_block(rank, minimum=cfg.block_r, maximum=MAX_BLOCK_R)
     p = {"p_drop": "fp32", "inv_keep": "fp32", "seed": "i64"}
     specs = []
     shrink_types = {"X": f"*{dt}", "A": f"*{dt}", "MASK": f"*{dt}", "RACT": "*i32", "H": "*fp32",

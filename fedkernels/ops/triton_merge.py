@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fedkernels.ops._triton_utils import dot_precision
+
 __all__ = ["merge_stacked_triton", "merge_kernel", "DEFAULT_CONFIG"]
 
 DEFAULT_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}
@@ -28,8 +30,16 @@ def merge_kernel(
     stride_am, stride_as, stride_ai,
     stride_bm, stride_bo, stride_bs,
     scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    """One [BLOCK_M, BLOCK_N] tile of ``W[m] += scale * B[m] @ A[m]``.
+
+    Arguments: w_ptr W [M, OUT, IN] (updated in place, any float dtype); a_ptr A_stack [M, S, IN] and b_ptr
+    B_stack [M, OUT, S], already in W's dtype; S the stacked rank, reduced in BLOCK_K steps; the stride triples
+    follow the tensors' (module, row, column) order; scale the stacked scale (1.0 for FLoRA, the client scales are
+    folded into A). Grid axis 0: output tiles, axis 1: module m. PRECISION: `dot_precision` ("ieee" for fp32 merges
+    by default).
+    """
     pid = tl.program_id(0)
     mod = tl.program_id(1).to(tl.int64)
     n_tiles_n = tl.cdiv(IN, BLOCK_N)
@@ -41,19 +51,16 @@ def merge_kernel(
     mask_o = offs_o < OUT
     mask_i = offs_i < IN
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    b_base = b_ptr + mod * stride_bm
-    a_base = a_ptr + mod * stride_am
+    # tile pointers at k = 0, advanced by BLOCK_K ranks per step (S is small: 1-32 steps)
+    b_tile = b_ptr + mod * stride_bm + offs_o[:, None] * stride_bo + offs_k[None, :] * stride_bs
+    a_tile = a_ptr + mod * stride_am + offs_k[:, None] * stride_as + offs_i[None, :] * stride_ai
     for k0 in range(0, S, BLOCK_K):
-        kk = k0 + offs_k
-        mask_k = kk < S
-        b = tl.load(b_base + offs_o[:, None] * stride_bo + kk[None, :] * stride_bs,
-                    mask=mask_o[:, None] & mask_k[None, :], other=0.0)
-        a = tl.load(a_base + kk[:, None] * stride_as + offs_i[None, :] * stride_ai,
-                    mask=mask_k[:, None] & mask_i[None, :], other=0.0)
-        if IEEE:
-            acc += tl.dot(b, a, input_precision="ieee")
-        else:
-            acc += tl.dot(b, a)
+        in_s = (k0 + offs_k) < S
+        b = tl.load(b_tile, mask=mask_o[:, None] & in_s[None, :], other=0.0)
+        a = tl.load(a_tile, mask=in_s[:, None] & mask_i[None, :], other=0.0)
+        acc += tl.dot(b, a, input_precision=PRECISION)
+        b_tile += BLOCK_K * stride_bs
+        a_tile += BLOCK_K * stride_as
     w_ptrs = w_ptr + mod * stride_wm + offs_o[:, None] * stride_wo + offs_i[None, :] * stride_wi
     mask = mask_o[:, None] & mask_i[None, :]
     w = tl.load(w_ptrs, mask=mask, other=0.0)
@@ -87,7 +94,7 @@ def merge_stacked_triton(
         A.stride(0), A.stride(1), A.stride(2),
         B.stride(0), B.stride(1), B.stride(2),
         float(scale),
-        IEEE=bool(ieee and weight.dtype == torch.float32),
+        PRECISION=dot_precision(weight.dtype, allow_tf32=not ieee),
         **cfg,
     )
     return weight

@@ -28,7 +28,6 @@ without a driver, kernels.md section 4); bf16 ``tl.dot`` is wrong in the interpr
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +35,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fedkernels.errors import RankError
+from fedkernels.errors import ConfigError, RankError
+from fedkernels.ops._triton_utils import dot_precision, interpreting, rank_block, sm_count
 from fedkernels.ops.multi_lora import MultiLoRAMeta
 
 __all__ = [
@@ -221,10 +221,10 @@ class MultiLoRAConfig:
         for name in ("shrink_m", "shrink_k", "expand_m", "expand_n", "grad_t", "grad_n"):
             v = getattr(self, name)
             if v < 16 or v & (v - 1):
-                raise ValueError(f"MultiLoRAConfig.{name} must be a power of two >= 16 (tl.dot), got {v!r}")
+                raise ConfigError(f"MultiLoRAConfig.{name} must be a power of two >= 16 (tl.dot), got {v!r}")
         for name in ("shrink_split", "grad_split", "num_warps", "num_stages"):
             if getattr(self, name) < 1:
-                raise ValueError(f"MultiLoRAConfig.{name} must be >= 1, got {getattr(self, name)!r}")
+                raise ConfigError(f"MultiLoRAConfig.{name} must be >= 1, got {getattr(self, name)!r}")
 
 
 # Interpreter: the smallest legal tiles (tl.dot needs 16) so tiny odd test shapes cross tile edges, and
@@ -252,38 +252,19 @@ def block_r(max_rank: int) -> int:
     """Rank tile: the max rank rounded up to a power of two, at least 16 (tl.dot's minimum)."""
     if not 1 <= max_rank <= MAX_RANK:
         raise RankError(f"the Triton multi-LoRA kernels support max rank 1..{MAX_RANK}, got {max_rank}")
-    return max(16, triton.next_power_of_2(max_rank))
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    return rank_block(max_rank)
 
 
 def pick_config(max_rank: int) -> MultiLoRAConfig:
     """Fixed interpreter config, or the GPU table row of this rank bucket."""
-    if _interpreting():
+    if interpreting():
         return INTERPRETER_CONFIG
     return GPU_CONFIGS[block_r(max_rank)]
 
 
-def _precision(dtype: torch.dtype) -> str:
-    # fp32 inputs: IEEE unless the user allowed TF32 for torch matmuls too (same numerics as the torch path).
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not _interpreting():
-        return "tf32"
-    return "ieee"
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    # interpreter: programs run one after another; a small target keeps grids small (about 64 programs)
-    # while still splitting tiny test shapes in two, so the split paths are exercised
-    return 16
-
-
 def _split(max_split: int, programs: int, steps: int, device: torch.device) -> int:
     """Split factor: enough programs for two waves over the SMs, never more splits than loop steps."""
-    want = triton.cdiv(2 * _num_sms(device), max(programs, 1))
+    want = triton.cdiv(2 * sm_count(device), max(programs, 1))
     return int(max(1, min(max_split, want, steps)))
 
 
@@ -340,7 +321,7 @@ def shrink(
         scales if scales is not None else ranks, k_dim, max_rank,
         x.stride(0), x.stride(1), *w_strides, so_split, so_t, so_r,
         BLOCK_M=cfg.shrink_m, BLOCK_K=cfg.shrink_k, BLOCK_R=br, SPLIT_K=split, ATOMIC=atomic,
-        HAS_SCALE=scales is not None, PRECISION=_precision(x.dtype), num_warps=cfg.num_warps,
+        HAS_SCALE=scales is not None, PRECISION=dot_precision(x.dtype), num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
     return _sum_partials(out) if out.dim() == 3 else out
@@ -358,7 +339,7 @@ def expand(
         scales if scales is not None else ranks, n_dim,
         p.stride(0), p.stride(1), *w_strides, y.stride(0), y.stride(1),
         BLOCK_M=cfg.expand_m, BLOCK_N=cfg.expand_n, BLOCK_R=block_r(max_rank), HAS_SCALE=scales is not None,
-        PRECISION=_precision(w.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        PRECISION=dot_precision(w.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
 
@@ -381,7 +362,7 @@ def segment_grad(
         scales if scales is not None else ranks, n_dim, max_rank,
         p.stride(0), p.stride(1), q.stride(0), q.stride(1), so_split, so_s, so_r, so_n,
         BLOCK_T=cfg.grad_t, BLOCK_N=cfg.grad_n, BLOCK_R=block_r(max_rank), SPLIT_T=split, ATOMIC=atomic,
-        HAS_SCALE=scales is not None, PRECISION=_precision(q.dtype), num_warps=cfg.num_warps,
+        HAS_SCALE=scales is not None, PRECISION=dot_precision(q.dtype), num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
     return _sum_partials(out) if out.dim() == 4 else out

@@ -25,12 +25,12 @@ def _sig(dt: str) -> dict[str, str]:
            "stride_wm": "i64", "stride_wo": "i32", "stride_wi": "i32",
            "stride_am": "i64", "stride_as": "i32", "stride_ai": "i32",
            "stride_bm": "i64", "stride_bo": "i32", "stride_bs": "i32", "scale": "fp32"}
-    sig.update({k: "constexpr" for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "IEEE")})
+    sig.update({k: "constexpr" for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "PRECISION")})
     return sig
 
 
 def _compile(dt: str, arch: int, ieee: bool, cfg=DEFAULT_CONFIG):
-    src = ASTSource(fn=merge_kernel, signature=_sig(dt), constexprs=dict(cfg, IEEE=ieee))
+    src = ASTSource(fn=merge_kernel, signature=_sig(dt), constexprs=dict(cfg, PRECISION="ieee" if ieee else "tf32"))
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4, "num_stages": 2})
 
 

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-from fedkernels.errors import NonFiniteError, RankError, ShapeError
+from fedkernels.errors import ConfigError, NonFiniteError, RankError, ShapeError
 from fedkernels.ops._backend import resolve_backend
 from fedkernels.ops._scratch import scratch
 
@@ -209,7 +209,7 @@ def _factor_svd(B_stack, A_stack, k, compute_dtype, orth_tol, vector_roles: tupl
     dtype = compute_dtype or torch.promote_types(torch.promote_types(B_stack.dtype, A_stack.dtype), torch.float32)
     tol = 128 * torch.finfo(dtype).eps if orth_tol is None else float(orth_tol)
     if not tol >= 0:
-        raise ValueError(f"factor_svd: orth_tol must be >= 0, got {orth_tol!r}")
+        raise ConfigError(f"factor_svd: orth_tol must be >= 0, got {orth_tol!r}")
     B, A = B_stack.to(dtype), A_stack.to(dtype)
     ab, tb, Rb = _qr_r(B, "factor_svd.B")  # R_b [.., k1, S]
     aa, ta, Ra = _qr_r(A.transpose(-1, -2), "factor_svd.A")  # R_a [.., k2, S]
@@ -292,9 +292,9 @@ def flexlora_redistribute(
     out_scales = [1.0] * len(ranks) if scales is None else [float(x) for x in scales]
     for i, sc in enumerate(out_scales):
         if not sc > 0 or not math.isfinite(sc):
-            raise ValueError(f"flexlora_redistribute: scale of target {i} must be positive, got {sc!r}")
+            raise ConfigError(f"flexlora_redistribute: scale of target {i} must be positive, got {sc!r}")
     if modules_per_chunk is not None and (isinstance(modules_per_chunk, bool) or int(modules_per_chunk) < 1):
-        raise ValueError(f"flexlora_redistribute: modules_per_chunk must be >= 1, got {modules_per_chunk!r}")
+        raise ConfigError(f"flexlora_redistribute: modules_per_chunk must be >= 1, got {modules_per_chunk!r}")
     _check_pairs(As, Bs)
     A0, B0 = As[0], Bs[0]
     lead, n_in, n_out = A0.shape[:-2], A0.shape[-1], B0.shape[-2]

@@ -158,7 +158,7 @@ def _orth_err(U: torch.Tensor, Vh: torch.Tensor) -> float:
 
 
 def _count_reflector_calls(monkeypatch) -> list[int]:
-    from fedkernels.ops import aggregation as agg
+    from fedkernels.ops import factor_ops as agg
 
     calls: list[int] = []
     real = agg._apply_q
