@@ -203,7 +203,7 @@ def plan_command(
             data["budgets"] = list(budget)
         cfg = PlanConfig(**data)
         client_budgets = cfg.client_budgets()
-        from solvers.memory import MemoryModel
+        from solvers.memory_model import MemoryModel
         from solvers.strategies import plan_clients
 
         memory = MemoryModel.from_config(cfg.model, batch_size=cfg.batch_size, seq_len=cfg.seq_len, rank=cfg.rank,

@@ -34,7 +34,7 @@ import numpy as np
 from solvers.api import solve_many
 from solvers.errors import InfeasibleBudgetError, ProblemError
 from solvers.importance import PATTERNS, fim_pattern, geometric_pattern, layer_scores
-from solvers.memory import MemoryModel
+from solvers.memory_model import MemoryModel
 from solvers.problem import Plan, PlanStatus
 
 __all__ = ["available_strategies", "plan_clients", "parse_strategy"]
@@ -197,7 +197,7 @@ def plan_clients(
     """
     base, pattern, orient = parse_strategy(strategy)
     if not isinstance(memory, MemoryModel):
-        raise ProblemError(f"plan_clients needs a solvers.memory.MemoryModel, got {type(memory).__name__}")
+        raise ProblemError(f"plan_clients needs a solvers.memory_model.MemoryModel, got {type(memory).__name__}")
     ctx = _Ctx(memory, importance)
     budgets = {c: int(b) for c, b in budgets.items()}
     if not budgets:
