@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from solvers.errors import ProblemError
-from solvers.memspec import ModuleSpec, dtype_bytes, dtype_name, kind_of, opt_states
+from solvers.memspec import ModuleSpec, dtype_bytes, dtype_name, kind_of, opt_scalar_bytes, opt_states
 
 __all__ = ["PRESETS", "resolve_config", "build", "default_dtype", "BF16_FROM_PARAMS"]
 
@@ -203,7 +203,7 @@ def build(cls, config: Any, *, batch_size: int, seq_len: int, rank: int, targets
                                 kind=kind_of(name), group=group, order=_ORDER[fam].index(suf)))
         pbytes = R * (d_in + d_out) * e
         lora_bytes += pbytes
-        param_train[name] = (1 + states) * pbytes
+        param_train[name] = (1 + states) * pbytes + 2 * opt_scalar_bytes(optimizer)  # A and B: a step each
         rank_act[name] = T * R * e
         inp[name] = T * d_in * e
     if not specs:

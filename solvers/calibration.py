@@ -26,7 +26,7 @@ from solvers.measure import (
     random_batch,
 )
 from solvers.memory_model import MemoryModel, calibrate_from
-from solvers.memspec import ModuleSpec, dtype_name, infer_blocks, kind_of, opt_states
+from solvers.memspec import ModuleSpec, dtype_name, infer_blocks, kind_of, opt_scalar_bytes, opt_states
 
 __all__ = ["fit", "calibrate"]
 
@@ -65,8 +65,9 @@ def fit(
     in a reference block above a trained block 0, each kind alone and each group together (gives each
     module's rank-sized and shared-input terms, assumed equal across blocks for one kind); each kind
     alone in the reference block (its entry discount). With ``peak`` (default) the head-alone and the
-    block-alone passes also run the whole step and measure its allocator peak: their excess over the
-    saved-tensor count is ``head_transient_bytes`` and ``transient_bytes[l]`` (l = that block).
+    block-alone passes and each kind alone in its reference block also run the whole step and measure its
+    allocator peak: their excess over the saved-tensor count is ``head_transient_bytes`` and
+    ``transient_bytes[l]`` (l = that block) and ``kind_transient_bytes`` (the largest kind-alone excess).
     """
     del rank
     if lora_params is None:
@@ -88,10 +89,17 @@ def fit(
     always = list(always_trainable)
     states = opt_states(optimizer)
     transients: dict[int, int] = {}
+    cache: dict[frozenset, Measurement] = {}
 
     def run(modules: Iterable[str], with_peak: bool = False) -> Measurement:
+        modules = list(modules)
+        key = frozenset(modules)
+        hit = cache.get(key)
+        if hit is not None and (hit.peak_bytes is not None or not (with_peak and peak)):
+            return hit
         ps = always + [p for m in modules for p in lora_params[m]]
-        return measure(model, batch, ps, loss_fn, optimizer, peak=with_peak and peak)
+        cache[key] = measure(model, batch, ps, loss_fn, optimizer, peak=with_peak and peak)
+        return cache[key]
 
     def saved(modules: Iterable[str]) -> int:
         return run(modules).saved_bytes
@@ -164,6 +172,14 @@ def fit(
             transients[j] = max(0, alone.transient_bytes)
         P[j] = max(P[j + 1], alone.saved_bytes - s0 - block_terms(mods))
     a = tuple(int(P[j] - P[j + 1]) for j in range(nb))
+    # each kind alone in its reference block: its step can peak higher above its saved-tensor count than
+    # the whole block's (tiny Llama, down_proj alone: +12 KiB, one T x h activation), and a plan's top
+    # trained block may hold only that kind; the largest such transient applies to plans of any lowest block
+    kind_transient = 0
+    for ref in kinds.values():
+        one = run([ref.name], with_peak=True)
+        if one.transient_bytes is not None:
+            kind_transient = max(kind_transient, one.transient_bytes)
     # entry discounts, in the reference block of each kind
     for kind, ref in kinds.items():
         mods = by_block[ref.block]
@@ -177,7 +193,9 @@ def fit(
     trans: list[int] = [0] * nb
     for j in range(nb - 1, -1, -1):
         trans[j] = transients.get(j, trans[j + 1] if j + 1 < nb else 0)
-    param_train = {n: int((1 + states) * sum(_nbytes(p) for p in ps)) for n, ps in lora_params.items()}
+    scalar = opt_scalar_bytes(optimizer)  # Adam's per-tensor step counter
+    param_train = {n: int((1 + states) * sum(_nbytes(p) for p in ps) + scalar * len(ps))
+                   for n, ps in lora_params.items()}
     head = s0 + (1 + states) * sum(_nbytes(p) for p in always)
     dtype = dtype_name(lora_params[specs[0].name][0].dtype)
     return cls(modules=tuple(specs), static_bytes=int(empty.param_bytes), head_bytes=int(head),
@@ -185,7 +203,8 @@ def fit(
                entry_discount=entry, batch_size=int(batch_shape(batch)[0]), seq_len=int(batch_shape(batch)[1]),
                dtype=dtype, optimizer=optimizer, rank_scaling=rank_scaling, source="measured",
                head_act_bytes=int(s0), transient_bytes=tuple(trans) if peak else (),
-               head_transient_bytes=int(max(0, empty.transient_bytes or 0)))
+               head_transient_bytes=int(max(0, empty.transient_bytes or 0)),
+               kind_transient_bytes=int(max(0, kind_transient)) if peak else 0)
 
 def calibrate(
     self: MemoryModel,
