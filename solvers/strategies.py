@@ -45,28 +45,31 @@ __all__ = ["available_strategies", "plan_clients", "parse_strategy", "StrategyTr
 class StrategyTraits:
     """What an allocation strategy needs from its caller, declared once per strategy.
 
-    ``randomised``: its plans are a seeded draw, redrawn every round (FedRA, Fed-HeLLo RGD); the others
-    are a function of the budgets and are solved once. ``needs_importance``: it uses module importance
-    scores (Fed-pilot's knapsack values, Fed-HeLLo FIM's clusters), which the caller must compute.
-    ``ranks``: it allocates ranks rather than modules (HetLoRA/FlexLoRA-style).
+    ``randomised``: its plans are redrawn every round, seeded by the round (FedRA, Fed-HeLLo RGD); the
+    others are solved once (Fed-HeLLo FIM draws once, from the importance known at the start).
+    ``needs_importance``: it uses module importance scores (Fed-pilot's knapsack values, Fed-HeLLo FIM's
+    clusters), which the caller must compute.
+    ``ranks``: it allocates ranks rather than modules (HetLoRA/FlexLoRA-style): its cheapest plan is
+    one module at the smallest rank choice. ``budgeted``: its plans fit the budgets (all but ``full``).
     """
 
     randomised: bool = False
     needs_importance: bool = False
     ranks: bool = False
+    budgeted: bool = True
 
 
 # base strategy name -> its traits (the registry `parse_strategy` validates against)
 TRAITS: dict[str, StrategyTraits] = {
     "fedpilot": StrategyTraits(needs_importance=True),
-    "fedhello-fim": StrategyTraits(randomised=True, needs_importance=True),
+    "fedhello-fim": StrategyTraits(needs_importance=True),
     "fedhello-gd": StrategyTraits(),
     "fedhello-rgd": StrategyTraits(randomised=True),
     "fedra": StrategyTraits(randomised=True),
     "hetlora": StrategyTraits(ranks=True),
     "flexlora": StrategyTraits(ranks=True),
     "uniform-min": StrategyTraits(),
-    "full": StrategyTraits(),
+    "full": StrategyTraits(budgeted=False),
 }
 _PATTERNED = ("fedhello-gd", "fedhello-rgd")
 _SIMPLE = tuple(n for n in TRAITS if n not in _PATTERNED)
@@ -237,7 +240,7 @@ def plan_clients(
     budgets = {c: int(b) for c, b in budgets.items()}
     if not budgets:
         return {}
-    if base == "full":
+    if not TRAITS[base].budgeted:
         t0 = time.perf_counter()
         return {c: _plan(ctx, memory.full_plan(), b, c, "full", t0, message="budget ignored")
                 for c, b in budgets.items()}

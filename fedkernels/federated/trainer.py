@@ -298,7 +298,7 @@ class FederatedTrainer:
         timings = {"plan": 0.0, "train": 0.0, "aggregate": 0.0, "eval": 0.0}
         t = time.perf_counter()
         sampled = self.sample_clients(round_idx)
-        plans = self.planner.plans_for_round(round_idx, sampled, self.budgets, self.global_state)
+        plans = self.planner.plans_for_round(round_idx, sampled, self.budgets)
         timings["plan"] = time.perf_counter() - t
 
         t = time.perf_counter()

@@ -187,7 +187,7 @@ class HeteroLoRAStrategy(Strategy):
     def plan_round(self, round_idx: int) -> tuple[list[int], dict]:
         tr = self.trainer
         sampled = tr.sample_clients(round_idx)
-        return sampled, tr.planner.plans_for_round(round_idx, sampled, tr.budgets, tr.global_state)
+        return sampled, tr.planner.plans_for_round(round_idx, sampled, tr.budgets)
 
     def train_messages(self, round_idx: int, sampled: list[int], plans: dict,
                        online: set[int] | None = None) -> list[Message]:

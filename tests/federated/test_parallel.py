@@ -30,7 +30,7 @@ def make(tmp_path, name, *, no_dropout=False, **kw):
 
 def train_round(trainer, round_idx=1):
     sampled = trainer.sample_clients(round_idx)
-    plans = trainer.planner.plans_for_round(round_idx, sampled, trainer.budgets, trainer.global_state)
+    plans = trainer.planner.plans_for_round(round_idx, sampled, trainer.budgets)
     with _progress(False) as bar:
         results, log, failures = trainer._train_clients(round_idx, sampled, plans, bar)
     return sampled, plans, results, log, failures

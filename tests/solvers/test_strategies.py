@@ -214,6 +214,7 @@ def test_strategy_traits_registry():
 
     assert strategy_traits("fedra").randomised and strategy_traits("fedhello-rgd:triangle").randomised
     assert strategy_traits("fedhello-fim").needs_importance and strategy_traits("fedpilot").needs_importance
+    assert not strategy_traits("full").budgeted and strategy_traits("fedra").budgeted
     assert not strategy_traits("fedhello-gd:triangle").randomised and not strategy_traits("hetlora").randomised
     assert strategy_traits("flexlora").ranks and not strategy_traits("fedpilot").ranks
     with pytest.raises(ProblemError, match="unknown strategy 'nope'"):
