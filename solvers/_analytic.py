@@ -235,7 +235,17 @@ def build(cls, config: Any, *, batch_size: int, seq_len: int, rank: int, targets
         vocab = int(cfg.vocab_size)
         a[nb - 1] += T * vocab * 4 + (T * vocab * 4 if e != 4 else 0)
     head = head_act + (1 + states) * head_params * e
+    # Peak transient above the saved-tensor count (issue 13): the gradients alive at once in a block's
+    # backward, the input and output gradients of its widest linear (2 T max(f, 3h) e; GPT-2's fused
+    # c_attn is 3h wide) and the float32 residual-stream gradient (T h 4), plus, for a causal LM, the
+    # float32 logits' gradient and the log-softmax buffer (2 T V 4: SmolLM2's 49k vocabulary makes this
+    # the largest term). A first-order count; bench/memory_peak.py reports its distance to the
+    # calibrated transients on small configs.
+    transient = 2 * T * max(f, 3 * h) * e + T * h * 4
+    if task != "classification":
+        transient += 2 * T * int(cfg.vocab_size) * 4
     return cls(modules=tuple(specs), static_bytes=int(static), head_bytes=int(head), block_costs=tuple(a),
                param_train_bytes=param_train, rank_act_bytes=rank_act, input_bytes=inp, entry_discount=discount,
                batch_size=b, seq_len=s, dtype=dtype_name(dtype), optimizer=optimizer,
-               rank_scaling=rank_scaling, source=f"analytic:{cfg.model_type}", head_act_bytes=int(head_act))
+               rank_scaling=rank_scaling, source=f"analytic:{cfg.model_type}", head_act_bytes=int(head_act),
+               transient_bytes=(int(transient),) * nb, head_transient_bytes=int(transient))
