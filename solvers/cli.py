@@ -31,7 +31,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from solvers.errors import SolversError
+from solvers.errors import ProblemError, SolversError
 from solvers.units import format_bytes, parse_bytes, read_budget_csv
 
 __all__ = ["app", "plan_command", "PlanConfig", "load_plan_config", "plot_plans"]
@@ -67,14 +67,14 @@ class PlanConfig:
         for name in ("batch_size", "seq_len", "rank", "num_labels"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+                raise ProblemError(f"{name} must be an integer >= 1, got {v!r}")
         if self.num_clients is not None and (not isinstance(self.num_clients, int) or self.num_clients < 1):
-            raise ValueError(f"num_clients must be an integer >= 1, got {self.num_clients!r}")
+            raise ProblemError(f"num_clients must be an integer >= 1, got {self.num_clients!r}")
         if isinstance(self.targets, str):
             self.targets = [t.strip() for t in self.targets.split(",") if t.strip()]
         m = self.margin
         if isinstance(m, bool) or not isinstance(m, int | float) or not 0 <= m < 1:
-            raise ValueError(f"margin must be a fraction in [0, 1), got {m!r}")
+            raise ProblemError(f"margin must be a fraction in [0, 1), got {m!r}")
         if isinstance(self.budgets, str | int | float):
             self.budgets = _split(self.budgets)
         if isinstance(self.tiers, str | int | float):
@@ -90,7 +90,7 @@ class PlanConfig:
             tiers = [parse_bytes(t) for t in self.tiers]
             n = self.num_clients or len(tiers)
             return {i: tiers[i % len(tiers)] for i in range(n)}
-        raise ValueError("no budgets: give --budgets 2GiB,4GiB (or a CSV file), --budget, or tiers + num_clients")
+        raise ProblemError("no budgets: give --budgets 2GiB,4GiB (or a CSV file), --budget, or tiers + num_clients")
 
 
 def _split(v: Any) -> list[Any]:
@@ -103,7 +103,7 @@ def load_plan_config(path: str | Path) -> dict[str, Any]:
     """Read a YAML/TOML/JSON config file into a dict of `PlanConfig` fields (unknown keys rejected)."""
     p = Path(path)
     if not p.is_file():
-        raise ValueError(f"config file {str(path)!r} does not exist")
+        raise ProblemError(f"config file {str(path)!r} does not exist")
     text = p.read_text()
     suffix = p.suffix.lower()
     try:
@@ -118,18 +118,18 @@ def load_plan_config(path: str | Path) -> dict[str, Any]:
         elif suffix == ".json":
             data = json.loads(text)
         else:
-            raise ValueError(f"config file {str(path)!r}: expected .yaml, .yml, .toml or .json")
+            raise ProblemError(f"config file {str(path)!r}: expected .yaml, .yml, .toml or .json")
     except (json.JSONDecodeError, Exception) as exc:
         if isinstance(exc, ValueError) and "expected .yaml" in str(exc):
             raise
-        raise ValueError(f"config file {str(path)!r} is not valid {suffix[1:]}: {exc}") from None
+        raise ProblemError(f"config file {str(path)!r} is not valid {suffix[1:]}: {exc}") from None
     data = dict(data or {})
     if "plan" in data and isinstance(data["plan"], dict):
         data = data["plan"]
     known = {f.name for f in fields(PlanConfig)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ValueError(f"config file {str(path)!r}: unknown keys {unknown}; known: {sorted(known)}")
+        raise ProblemError(f"config file {str(path)!r}: unknown keys {unknown}; known: {sorted(known)}")
     return data
 
 

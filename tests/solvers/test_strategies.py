@@ -219,3 +219,14 @@ def test_strategy_traits_registry():
     assert strategy_traits("flexlora").ranks and not strategy_traits("fedpilot").ranks
     with pytest.raises(ProblemError, match="unknown strategy 'nope'"):
         strategy_traits("nope")
+
+
+def test_unknown_backend_is_one_error_type_everywhere(bert6):
+    from solvers import solve
+    from solvers.errors import ProblemError
+
+    budgets = _budgets(bert6, 2)
+    with pytest.raises(ProblemError, match="unknown solver backend 'simplex'"):
+        plan_clients("fedpilot", bert6, budgets, backend="simplex")
+    with pytest.raises(ProblemError, match="unknown solver backend 'simplex'"):
+        solve(bert6.problem(budgets[0]), "simplex")
