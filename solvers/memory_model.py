@@ -83,7 +83,7 @@ class MemoryModel:
     head_act_bytes: int = 0  # the activation part of head_bytes (rescaled by `calibrate`)
     transient_bytes: tuple[int, ...] = ()
     head_transient_bytes: int = 0
-    kind_transient_bytes: int = 0
+    kind_transient_bytes: Mapping[str, int] = field(default_factory=dict)
     margin: float = 0.0
     _index: dict = field(init=False, repr=False, compare=False, hash=False, default_factory=dict)
 
@@ -102,7 +102,8 @@ class MemoryModel:
                 raise ProblemError(f"module {m.name!r} has max_rank {m.max_rank!r}; must be >= 1")
         if self.transient_bytes and len(self.transient_bytes) != nb:
             raise ProblemError(f"transient_bytes has {len(self.transient_bytes)} entries, block_costs {nb}")
-        if any(int(t) < 0 for t in (*self.transient_bytes, self.head_transient_bytes, self.kind_transient_bytes)):
+        kinds = tuple(self.kind_transient_bytes.values())
+        if any(int(t) < 0 for t in (*self.transient_bytes, self.head_transient_bytes, *kinds)):
             raise ProblemError(f"transient bytes must be >= 0, got {tuple(self.transient_bytes)} and "
                                f"{self.head_transient_bytes!r}")
         m = self.margin
@@ -148,9 +149,10 @@ class MemoryModel:
         ``transient_bytes[lowest_block:]`` and ``kind_transient_bytes``, so E never grows with l (a plan
         starting lower is never predicted to peak lower on this term). `predict` refines it per plan.
         """
+        kinds = max(self.kind_transient_bytes.values(), default=0)
         if not self.transient_bytes:
-            return int(self.kind_transient_bytes)
-        return int(max(max(self.transient_bytes[lowest_block:]), self.kind_transient_bytes))
+            return int(kinds)
+        return int(max(max(self.transient_bytes[lowest_block:]), kinds))
 
     def peak_block_costs(self) -> tuple[int, ...]:
         """``a'_j`` with ``sum(a'[l:]) = pass_through(l) + transient(l)``: the problem's pass-through costs.
@@ -209,8 +211,9 @@ class MemoryModel:
         the modules below j are not allocated yet (the trainer zeroes gradients to None before backward),
         while the saved-tensor count holds every gradient: ``G_<j``, the plan's gradient bytes below j, is
         subtracted (tiny BERT, 4 blocks, all 8 modules: 12 KiB, the measured gap to the block-0-alone
-        transient within 50 bytes). ``kind_transient_bytes`` (one module alone in the top block) is a
-        candidate at the plan's top block.
+        transient within 50 bytes). When the plan's top trained block trains only some of the kinds
+        it holds, ``kind_transient_bytes[k]`` (kind k alone in its top block) of those kinds is a candidate
+        there too (one kind alone can peak higher above its count than the whole block).
         """
         chosen = self._normalise(plan)
         if not chosen:
@@ -222,7 +225,11 @@ class MemoryModel:
             grads[blocks[m] + 1] += self.grad_bytes(m, r)
         for j in range(1, self.num_blocks + 1):
             grads[j] += grads[j - 1]
-        best = self.kind_transient_bytes - grads[top]
+        top_kinds = {self.spec(m).kind for m in chosen if blocks[m] == top}
+        held = {sp.kind for sp in self.modules if sp.block == top}
+        best = 0
+        if top_kinds != held:
+            best = max((self.kind_transient_bytes.get(k, 0) for k in top_kinds), default=0) - grads[top]
         for j in range(low, len(self.transient_bytes)):
             best = max(best, self.transient_bytes[j] - grads[j])
         return int(max(0, best))
@@ -325,7 +332,7 @@ class MemoryModel:
         out["modules"] = [asdict(m) for m in self.modules]
         out["block_costs"] = list(self.block_costs)
         out["transient_bytes"] = list(self.transient_bytes)
-        for k in ("param_train_bytes", "rank_act_bytes", "input_bytes", "entry_discount"):
+        for k in ("param_train_bytes", "rank_act_bytes", "input_bytes", "entry_discount", "kind_transient_bytes"):
             out[k] = dict(out[k])
         return out
 
@@ -429,7 +436,7 @@ def calibrate_from(model: MemoryModel, fit: MemoryModel, fit_tokens: int) -> Mem
         entry_discount={k: int(round(v * ratio)) for k, v in fit.entry_discount.items()},
         transient_bytes=tuple(int(math.ceil(t * ratio)) for t in fit.transient_bytes),
         head_transient_bytes=int(math.ceil(fit.head_transient_bytes * ratio)),
-        kind_transient_bytes=int(math.ceil(fit.kind_transient_bytes * ratio)),
+        kind_transient_bytes={k: int(math.ceil(v * ratio)) for k, v in fit.kind_transient_bytes.items()},
         source=f"{model.source}+calibrated",
     )
 
