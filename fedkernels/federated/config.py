@@ -85,7 +85,7 @@ class FederatedConfig:
     measure_memory: bool = True
     # Relative safety margin on every predicted peak (allocator fragmentation): plans, the minimum and the budget
     # check use peak x (1 + margin). 0: on CPU the calibrated model bounds the profiler-measured peak of all
-    # 16 acceptance plans (tests/solvers/test_memory_peak.py) with 0-4.5 % to spare; on CUDA use what
+    # 16 acceptance plans (tests/solvers/test_memory_peak.py; bench/memory_peak.py: 0-3.8 % to spare); on CUDA use what
     # (memory_reserved - max_allocated) / max_allocated measures there (solvers.measure reports both).
     memory_margin: float = 0.0
     faults: dict[str, str] = field(default_factory=dict)
