@@ -133,6 +133,14 @@ def load_plan_config(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _host_reports_errors() -> bool:
+    """Whether the root command running us declares ``reports_errors`` (fedkernels' command group does)."""
+    import click
+
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx is not None and getattr(ctx.find_root().command, "reports_errors", False))
+
+
 def plot_plans(plans: dict, memory, path: str | Path) -> Path:
     """PNG heat map, clients x layers: the mean planned rank of the layer's modules (0 = not trained)."""
     import matplotlib
@@ -209,6 +217,8 @@ def plan_command(
         plans = plan_clients(cfg.strategy, memory, client_budgets, seed=cfg.seed, rank_choices=cfg.rank_choices,
                              backend=cfg.backend, time_limit=cfg.time_limit)
     except (SolversError, ValueError, OSError, TypeError) as exc:
+        if _host_reports_errors():
+            raise  # mounted in a CLI that reports errors itself (fedkernels: one line, --verbose traceback)
         err.print(f"[bold red]error:[/] {exc}")
         raise typer.Exit(2) from None
 
