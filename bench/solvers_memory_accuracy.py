@@ -1,7 +1,7 @@
 """Memory model accuracy: predicted vs measured bytes (hidden 256, 6 blocks, batch 8 x 128, peft LoRA r=8).
 
 Run: ``PYTHONPATH=$PWD python bench/solvers_memory_accuracy.py [--padded]`` (CPU, about a minute). Prints, per
-architecture, the largest relative error of `MemoryModel.predict` against `solvers.memory.measure` over 12
+architecture, the largest relative error of `MemoryModel.saved_count` against `solvers.memory.measure` over 12
 plans, for the model calibrated by measurement (`from_model`) and the analytic one (`from_config`), on the total
 and on the plan-dependent part (saved activations + gradients + optimizer states).
 """
@@ -68,7 +68,7 @@ def main(padded: bool) -> None:
             meas = measure(pm, batch, head + [p for n in plan for p in lora[n]])
             dyn = meas.total - meas.param_bytes
             for key, mm in (("cal", cal), ("ana", ana)):
-                pred = mm.predict(plan)
+                pred = mm.saved_count(plan)  # the saved-tensor count; bench/memory_peak.py checks the peak
                 worst[key] = max(worst[key], abs(pred - meas.total) / meas.total)
                 worst[key + "_dyn"] = max(worst[key + "_dyn"], abs(pred - meas.param_bytes - dyn) / dyn)
         full = measure(pm, batch, head + [p for n in names for p in lora[n]])

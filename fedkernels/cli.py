@@ -78,6 +78,8 @@ class _Group(TyperGroup):
     """The one place errors are turned into exit statuses: every command runs inside `invoke` (the console
     script and typer's CliRunner alike), so no command needs its own catch-all."""
 
+    reports_errors = True  # read by solvers.cli: mounted commands let this group report their errors
+
     def invoke(self, ctx: click.Context):
         _state["verbose"] = False
         try:

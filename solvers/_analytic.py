@@ -28,12 +28,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
-
 from solvers.errors import ProblemError
+from solvers.memspec import ModuleSpec, dtype_bytes, dtype_name, kind_of, opt_scalar_bytes, opt_states
 
-__all__ = ["PRESETS", "resolve_config", "build"]
+__all__ = ["PRESETS", "resolve_config", "build", "default_dtype", "BF16_FROM_PARAMS"]
+
+# Models of this many parameters and more are fine-tuned in bfloat16 by the people who run them (the
+# Llama/Mistral/Qwen model cards ship bf16 weights; a 7B model in fp32 needs 27 GiB for its weights alone),
+# smaller ones (BERT, MiniLM, GPT-2) in float32: the default dtype of `MemoryModel.from_config`.
+BF16_FROM_PARAMS = 1_000_000_000
+
+
+def default_dtype(num_params: int) -> str:
+    """``bfloat16`` for models of `BF16_FROM_PARAMS` parameters and more, else ``float32``."""
+    return "bfloat16" if int(num_params) >= BF16_FROM_PARAMS else "float32"
 
 # Preset name -> (model_type, config kwargs). Shapes from the public model cards' config.json files.
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -123,7 +131,8 @@ def _suffix(name: str, fam: str) -> str | None:
     return None
 
 
-def _meta_model(cfg, task: str) -> nn.Module:
+def _meta_model(cfg, task: str) -> Any:
+    import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     cls = {"classification": AutoModelForSequenceClassification, "causal-lm": AutoModelForCausalLM}.get(task)
@@ -134,8 +143,8 @@ def _meta_model(cfg, task: str) -> nn.Module:
 
 
 def build(cls, config: Any, *, batch_size: int, seq_len: int, rank: int, targets: Sequence[str] | None,
-          task: str, dtype: str, optimizer: str, num_labels: int, rank_scaling: bool, padded: bool = False):
-    from solvers.memory import ModuleSpec, _dtype, _kind, _opt_states
+          task: str, dtype: str | None, optimizer: str, num_labels: int, rank_scaling: bool, padded: bool = False):
+    from torch import nn
 
     if int(batch_size) < 1 or int(seq_len) < 1:
         raise ProblemError(f"batch_size and seq_len must be >= 1, got {batch_size!r} and {seq_len!r}")
@@ -143,10 +152,12 @@ def build(cls, config: Any, *, batch_size: int, seq_len: int, rank: int, targets
         raise ProblemError(f"LoRA rank must be >= 1, got {rank!r}")
     cfg = resolve_config(config, num_labels)
     fam = _family(cfg)
-    e = torch.empty(0, dtype=_dtype(dtype)).element_size()
-    states = _opt_states(optimizer)
     targets = tuple(targets) if targets else _DEFAULT_TARGETS[fam]
     model = _meta_model(cfg, task)
+    if dtype is None:
+        dtype = default_dtype(sum(p.numel() for p in model.parameters()))
+    e = dtype_bytes(dtype)
+    states = opt_states(optimizer)
 
     b, s, R = int(batch_size), int(seq_len), int(rank)
     T = b * s
@@ -189,10 +200,10 @@ def build(cls, config: Any, *, batch_size: int, seq_len: int, rank: int, targets
             continue
         group = next((",".join(g) for g in _SHARED[fam] if suf in g), suf)
         specs.append(ModuleSpec(name=name, block=int(m.group(1)), d_in=d_in, d_out=d_out, max_rank=R,
-                                kind=_kind(name), group=group, order=_ORDER[fam].index(suf)))
+                                kind=kind_of(name), group=group, order=_ORDER[fam].index(suf)))
         pbytes = R * (d_in + d_out) * e
         lora_bytes += pbytes
-        param_train[name] = (1 + states) * pbytes
+        param_train[name] = (1 + states) * pbytes + 2 * opt_scalar_bytes(optimizer)  # A and B: a step each
         rank_act[name] = T * R * e
         inp[name] = T * d_in * e
     if not specs:
@@ -224,7 +235,17 @@ def build(cls, config: Any, *, batch_size: int, seq_len: int, rank: int, targets
         vocab = int(cfg.vocab_size)
         a[nb - 1] += T * vocab * 4 + (T * vocab * 4 if e != 4 else 0)
     head = head_act + (1 + states) * head_params * e
+    # Peak transient above the saved-tensor count (issue 13): the gradients alive at once in a block's
+    # backward, the input and output gradients of its widest linear (2 T max(f, 3h) e; GPT-2's fused
+    # c_attn is 3h wide) and the float32 residual-stream gradient (T h 4), plus, for a causal LM, the
+    # float32 logits' gradient and the log-softmax buffer (2 T V 4: SmolLM2's 49k vocabulary makes this
+    # the largest term). A first-order count; bench/memory_peak.py reports its distance to the
+    # calibrated transients on small configs.
+    transient = 2 * T * max(f, 3 * h) * e + T * h * 4
+    if task != "classification":
+        transient += 2 * T * int(cfg.vocab_size) * 4
     return cls(modules=tuple(specs), static_bytes=int(static), head_bytes=int(head), block_costs=tuple(a),
                param_train_bytes=param_train, rank_act_bytes=rank_act, input_bytes=inp, entry_discount=discount,
-               batch_size=b, seq_len=s, dtype=str(_dtype(dtype)).replace("torch.", ""), optimizer=optimizer,
-               rank_scaling=rank_scaling, source=f"analytic:{cfg.model_type}", head_act_bytes=int(head_act))
+               batch_size=b, seq_len=s, dtype=dtype_name(dtype), optimizer=optimizer,
+               rank_scaling=rank_scaling, source=f"analytic:{cfg.model_type}", head_act_bytes=int(head_act),
+               transient_bytes=(int(transient),) * nb, head_transient_bytes=int(transient))

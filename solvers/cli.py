@@ -12,11 +12,15 @@ A config file (YAML, TOML or JSON) may hold every option; command-line options o
     strategy: fedpilot
     backend: dp
     budgets: [2GiB, 4GiB]     # or: tiers: [2GiB, 4GiB, 8GiB] with num_clients: 30 (round robin)
+    dtype: bfloat16           # default: bfloat16 for models of 1B parameters and up, float32 below
+    margin: 0.0               # relative safety margin on every predicted peak (allocator fragmentation)
+
+The "predicted" column is the predicted allocator peak of one training step (forward, backward, AdamW step;
+`solvers.memory_model`), margin included.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import sys
 from dataclasses import dataclass, fields
@@ -27,8 +31,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from solvers.errors import SolversError
-from solvers.units import format_bytes, parse_bytes
+from solvers.errors import ProblemError, SolversError
+from solvers.units import format_bytes, parse_bytes, read_budget_csv
 
 __all__ = ["app", "plan_command", "PlanConfig", "load_plan_config", "plot_plans"]
 
@@ -45,7 +49,7 @@ class PlanConfig:
     rank: int = 8
     targets: list[str] | None = None
     task: str = "classification"
-    dtype: str = "float32"
+    dtype: str | None = None
     optimizer: str = "adamw"
     num_labels: int = 2
     padded: bool = True
@@ -57,30 +61,36 @@ class PlanConfig:
     budgets: list[Any] | None = None
     tiers: list[Any] | None = None
     num_clients: int | None = None
+    margin: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "seq_len", "rank", "num_labels"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+                raise ProblemError(f"{name} must be an integer >= 1, got {v!r}")
         if self.num_clients is not None and (not isinstance(self.num_clients, int) or self.num_clients < 1):
-            raise ValueError(f"num_clients must be an integer >= 1, got {self.num_clients!r}")
+            raise ProblemError(f"num_clients must be an integer >= 1, got {self.num_clients!r}")
         if isinstance(self.targets, str):
             self.targets = [t.strip() for t in self.targets.split(",") if t.strip()]
+        m = self.margin
+        if isinstance(m, bool) or not isinstance(m, int | float) or not 0 <= m < 1:
+            raise ProblemError(f"margin must be a fraction in [0, 1), got {m!r}")
         if isinstance(self.budgets, str | int | float):
             self.budgets = _split(self.budgets)
         if isinstance(self.tiers, str | int | float):
             self.tiers = _split(self.tiers)
 
     def client_budgets(self) -> dict[int, int]:
-        """Client id -> bytes, from ``budgets`` (one per client) or ``tiers`` x ``num_clients``."""
+        """Client id -> bytes, from ``budgets`` (one per client, or id -> budget) or ``tiers`` x ``num_clients``."""
+        if isinstance(self.budgets, dict) and self.budgets:
+            return {int(c): parse_bytes(b) for c, b in self.budgets.items()}
         if self.budgets:
             return {i: parse_bytes(b) for i, b in enumerate(self.budgets)}
         if self.tiers:
             tiers = [parse_bytes(t) for t in self.tiers]
             n = self.num_clients or len(tiers)
             return {i: tiers[i % len(tiers)] for i in range(n)}
-        raise ValueError("no budgets: give --budgets 2GiB,4GiB (or a CSV file), --budget, or tiers + num_clients")
+        raise ProblemError("no budgets: give --budgets 2GiB,4GiB (or a CSV file), --budget, or tiers + num_clients")
 
 
 def _split(v: Any) -> list[Any]:
@@ -93,7 +103,7 @@ def load_plan_config(path: str | Path) -> dict[str, Any]:
     """Read a YAML/TOML/JSON config file into a dict of `PlanConfig` fields (unknown keys rejected)."""
     p = Path(path)
     if not p.is_file():
-        raise ValueError(f"config file {str(path)!r} does not exist")
+        raise ProblemError(f"config file {str(path)!r} does not exist")
     text = p.read_text()
     suffix = p.suffix.lower()
     try:
@@ -108,34 +118,27 @@ def load_plan_config(path: str | Path) -> dict[str, Any]:
         elif suffix == ".json":
             data = json.loads(text)
         else:
-            raise ValueError(f"config file {str(path)!r}: expected .yaml, .yml, .toml or .json")
+            raise ProblemError(f"config file {str(path)!r}: expected .yaml, .yml, .toml or .json")
     except (json.JSONDecodeError, Exception) as exc:
         if isinstance(exc, ValueError) and "expected .yaml" in str(exc):
             raise
-        raise ValueError(f"config file {str(path)!r} is not valid {suffix[1:]}: {exc}") from None
+        raise ProblemError(f"config file {str(path)!r} is not valid {suffix[1:]}: {exc}") from None
     data = dict(data or {})
     if "plan" in data and isinstance(data["plan"], dict):
         data = data["plan"]
     known = {f.name for f in fields(PlanConfig)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ValueError(f"config file {str(path)!r}: unknown keys {unknown}; known: {sorted(known)}")
+        raise ProblemError(f"config file {str(path)!r}: unknown keys {unknown}; known: {sorted(known)}")
     return data
 
 
-def _read_budget_csv(path: Path) -> list[str]:
-    rows: dict[int, str] = {}
-    with open(path, newline="") as fh:
-        for lineno, row in enumerate(csv.reader(fh), 1):
-            if not row or row[0].strip().lower() in ("client", "client_id", "id"):
-                continue
-            if len(row) < 2:
-                raise ValueError(f"{path}:{lineno}: expected 'client,budget', got {row!r}")
-            try:
-                rows[int(row[0])] = row[1].strip()
-            except ValueError:
-                raise ValueError(f"{path}:{lineno}: client id must be an integer, got {row[0]!r}") from None
-    return [rows[k] for k in sorted(rows)]
+def _host_reports_errors() -> bool:
+    """Whether the root command running us declares ``reports_errors`` (fedkernels' command group does)."""
+    import click
+
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx is not None and getattr(ctx.find_root().command, "reports_errors", False))
 
 
 def plot_plans(plans: dict, memory, path: str | Path) -> Path:
@@ -184,7 +187,8 @@ def plan_command(
     backend: str = typer.Option(None, "--backend", help="dp, dp-numpy, greedy, pulp, pulp-highs, cvxpy."),
     time_limit: float = typer.Option(None, "--time-limit", help="Seconds per client (ILP backends)."),
     seed: int = typer.Option(None, "--seed"),
-    dtype: str = typer.Option(None, "--dtype"),
+    dtype: str = typer.Option(None, "--dtype", help="float32, bfloat16, float16 (default: bf16 from 1B params)."),
+    margin: float = typer.Option(None, "--margin", help="Safety margin on predicted peaks, e.g. 0.05 (5 %)."),
     json_out: Path = typer.Option(None, "--json", help="Write the plans as JSON here."),
     png_out: Path = typer.Option(None, "--png", "--plot", help="Write a clients x layers heat map here."),
 ) -> None:
@@ -195,30 +199,35 @@ def plan_command(
         data = load_plan_config(config) if config is not None else {}
         over = {"model": model, "batch_size": batch_size, "seq_len": seq_len, "rank": rank, "targets": targets,
                 "strategy": strategy, "backend": backend, "time_limit": time_limit, "seed": seed, "dtype": dtype,
-                "tiers": tiers, "num_clients": num_clients}
+                "tiers": tiers, "num_clients": num_clients, "margin": margin}
         data.update({k: v for k, v in over.items() if v is not None})
         if budgets is not None:
-            data["budgets"] = _read_budget_csv(Path(budgets)) if Path(budgets).is_file() else _split(budgets)
+            data["budgets"] = read_budget_csv(budgets) if Path(budgets).is_file() else _split(budgets)
         if budget:
             data["budgets"] = list(budget)
         cfg = PlanConfig(**data)
         client_budgets = cfg.client_budgets()
-        from solvers.memory import MemoryModel
+        from solvers.memory_model import MemoryModel
         from solvers.strategies import plan_clients
 
         memory = MemoryModel.from_config(cfg.model, batch_size=cfg.batch_size, seq_len=cfg.seq_len, rank=cfg.rank,
                                          targets=cfg.targets, task=cfg.task, dtype=cfg.dtype,
-                                         optimizer=cfg.optimizer, num_labels=cfg.num_labels, padded=cfg.padded)
+                                         optimizer=cfg.optimizer, num_labels=cfg.num_labels,
+                                         padded=cfg.padded).with_margin(cfg.margin)
         plans = plan_clients(cfg.strategy, memory, client_budgets, seed=cfg.seed, rank_choices=cfg.rank_choices,
                              backend=cfg.backend, time_limit=cfg.time_limit)
     except (SolversError, ValueError, OSError, TypeError) as exc:
+        if _host_reports_errors():
+            raise  # mounted in a CLI that reports errors itself (fedkernels: one line, --verbose traceback)
         err.print(f"[bold red]error:[/] {exc}")
         raise typer.Exit(2) from None
 
+    margin_note = f" + {100 * memory.margin:g} % margin" if memory.margin else ""
     table = Table(title=f"{cfg.strategy} plans for {cfg.model} (batch {cfg.batch_size} x {cfg.seq_len}, "
-                        f"rank {cfg.rank}); minimum {format_bytes(memory.min_trainable_bytes())}, "
+                        f"rank {cfg.rank}, {memory.dtype}{margin_note}); minimum peak "
+                        f"{format_bytes(memory.min_trainable_bytes())}, "
                         f"full {format_bytes(memory.full_bytes())}")
-    for col in ("client", "budget", "predicted", "modules", "layers", "objective", "status", "solve ms"):
+    for col in ("client", "budget", "predicted peak", "modules", "layers", "objective", "status", "solve ms"):
         table.add_column(col, justify="right")
     for c, p in plans.items():
         layers = sorted({memory.spec(m).block for m in p.modules})

@@ -35,7 +35,7 @@ def _grads(model, batches, lora_params, loss_fn, per_sample: bool):
     """Yield, per backward pass, ``{module: [grad of each LoRA factor]}`` (requires_grad restored after)."""
     import torch
 
-    from solvers.memory import default_loss
+    from solvers.measure import default_loss
 
     loss_fn = loss_fn or default_loss
     params = list(model.parameters())

@@ -25,7 +25,6 @@ from enum import StrEnum
 from typing import Any
 
 from solvers.errors import ProblemError
-from solvers.units import format_bytes
 
 
 class PlanStatus(StrEnum):
@@ -116,10 +115,6 @@ class Item:
             raise ProblemError(
                 f"module {self.name!r}: rank {rank!r} is not one of its options {self.ranks!r}"
             ) from None
-
-    def cost_of(self, rank: int) -> int:
-        """Additive bytes of training this module at ``rank`` (0 for rank 0)."""
-        return 0 if rank == 0 else self.costs[self.option(rank)]
 
     def value_of(self, rank: int) -> float:
         """Value of training this module at ``rank`` (0.0 for rank 0)."""
@@ -292,13 +287,6 @@ class AllocationProblem:
     def with_client(self, client: int | str | None) -> AllocationProblem:
         """The same problem tied to another client id."""
         return dataclasses.replace(self, client=client)
-
-    def describe(self) -> str:
-        """One line for logs: modules, blocks, budget, minimum."""
-        return (
-            f"client {self.client}: {len(self.items)} modules in {self.num_blocks} blocks, budget "
-            f"{format_bytes(self.budget)}, minimum {format_bytes(self.min_train_bytes())}"
-        )
 
 
 @dataclass

@@ -28,18 +28,56 @@ from __future__ import annotations
 import time
 import zlib
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from solvers.api import solve_many
 from solvers.errors import InfeasibleBudgetError, ProblemError
 from solvers.importance import PATTERNS, fim_pattern, geometric_pattern, layer_scores
-from solvers.memory import MemoryModel
+from solvers.memory_model import MemoryModel
 from solvers.problem import Plan, PlanStatus
 
-__all__ = ["available_strategies", "plan_clients", "parse_strategy"]
+__all__ = ["available_strategies", "plan_clients", "parse_strategy", "StrategyTraits", "strategy_traits", "TRAITS"]
 
-_SIMPLE = ("fedpilot", "fedhello-fim", "fedra", "hetlora", "flexlora", "uniform-min", "full")
+
+@dataclass(frozen=True)
+class StrategyTraits:
+    """What an allocation strategy needs from its caller, declared once per strategy.
+
+    ``randomised``: its plans are redrawn every round, seeded by the round (FedRA, Fed-HeLLo RGD); the
+    others are solved once (Fed-HeLLo FIM draws once, from the importance known at the start).
+    ``needs_importance``: it uses module importance scores (Fed-pilot's knapsack values, Fed-HeLLo FIM's
+    clusters), which the caller must compute.
+    ``ranks``: it allocates ranks rather than modules (HetLoRA/FlexLoRA-style): its cheapest plan is
+    one module at the smallest rank choice. ``budgeted``: its plans fit the budgets (all but ``full``).
+    """
+
+    randomised: bool = False
+    needs_importance: bool = False
+    ranks: bool = False
+    budgeted: bool = True
+
+
+# base strategy name -> its traits (the registry `parse_strategy` validates against)
+TRAITS: dict[str, StrategyTraits] = {
+    "fedpilot": StrategyTraits(needs_importance=True),
+    "fedhello-fim": StrategyTraits(needs_importance=True),
+    "fedhello-gd": StrategyTraits(),
+    "fedhello-rgd": StrategyTraits(randomised=True),
+    "fedra": StrategyTraits(randomised=True),
+    "hetlora": StrategyTraits(ranks=True),
+    "flexlora": StrategyTraits(ranks=True),
+    "uniform-min": StrategyTraits(),
+    "full": StrategyTraits(budgeted=False),
+}
+_PATTERNED = ("fedhello-gd", "fedhello-rgd")
+_SIMPLE = tuple(n for n in TRAITS if n not in _PATTERNED)
+
+
+def strategy_traits(strategy: str) -> StrategyTraits:
+    """Traits of ``strategy`` (full name, e.g. ``fedhello-rgd:triangle``); ProblemError for an unknown one."""
+    return TRAITS[parse_strategy(strategy)[0]]
 
 
 def available_strategies() -> list[str]:
@@ -48,16 +86,16 @@ def available_strategies() -> list[str]:
 
 
 def parse_strategy(strategy: str) -> tuple[str, str | None, str]:
-    """``(base, pattern, orientation)``; ValueError listing the valid names for an unknown one."""
+    """``(base, pattern, orientation)``; ProblemError (a ValueError) listing the valid names for an unknown one."""
     s = str(strategy).strip().lower()
     base, _, rest = s.partition(":")
     if base in _SIMPLE and not rest:
         return base, None, "output"
-    if base in ("fedhello-gd", "fedhello-rgd"):
+    if base in _PATTERNED:
         pattern, _, orient = (rest or "bottleneck").partition(":")
         if pattern in PATTERNS and orient in ("", "output", "input"):
             return base, pattern, orient or "output"
-    raise ValueError(f"unknown strategy {strategy!r}; valid: {', '.join(available_strategies())} "
+    raise ProblemError(f"unknown strategy {strategy!r}; valid: {', '.join(available_strategies())} "
                      "(pattern strategies accept a ':input' suffix)")
 
 
@@ -192,17 +230,17 @@ def plan_clients(
     ``rank_choices`` the knapsack's rank options and the hetlora/flexlora ranks.
 
     Raises:
-        ValueError: unknown strategy (the message lists the valid ones).
+        ProblemError: unknown strategy (the message lists the valid ones).
         InfeasibleBudgetError: a client's budget is below the cheapest trainable plan.
     """
     base, pattern, orient = parse_strategy(strategy)
     if not isinstance(memory, MemoryModel):
-        raise ProblemError(f"plan_clients needs a solvers.memory.MemoryModel, got {type(memory).__name__}")
+        raise ProblemError(f"plan_clients needs a solvers.memory_model.MemoryModel, got {type(memory).__name__}")
     ctx = _Ctx(memory, importance)
     budgets = {c: int(b) for c, b in budgets.items()}
     if not budgets:
         return {}
-    if base == "full":
+    if not TRAITS[base].budgeted:
         t0 = time.perf_counter()
         return {c: _plan(ctx, memory.full_plan(), b, c, "full", t0, message="budget ignored")
                 for c, b in budgets.items()}
@@ -210,7 +248,7 @@ def plan_clients(
         rank_choices = sorted({int(r) for r in rank_choices})
         if not rank_choices or rank_choices[0] < 1:
             raise ProblemError(f"rank_choices must be ints >= 1, got {rank_choices!r}")
-    ranked = base in ("hetlora", "flexlora")
+    ranked = TRAITS[base].ranks
     need = memory.min_trainable_bytes(rank_choices or (memory.default_rank_choices() if ranked else None))
     for c, b in sorted(budgets.items(), key=lambda kv: str(kv[0])):
         if b < need:
@@ -227,7 +265,7 @@ def plan_clients(
             out[c] = _plan(ctx, ref.modules, b, c, f"uniform-min/{ref.backend}", t0, status=ref.status,
                            message=f"plan of client {low} (smallest budget)")
         return out
-    if base in ("hetlora", "flexlora"):
+    if TRAITS[base].ranks:
         return {c: _rank_plan(ctx, base, b, c, rank_choices) for c, b in budgets.items()}
 
     out = {}
@@ -248,7 +286,7 @@ def plan_clients(
             order = _gd_order(w, k)
             order = [ctx.layers[i] for i in order]
         else:  # rgd / fim: weighted draw without replacement
-            if base == "fedhello-fim" and importance:
+            if TRAITS[base].needs_importance and importance:
                 w = fim_pattern(layer_scores(ctx.values, memory.blocks, memory.num_blocks))
                 w = np.array([w[l] for l in ctx.layers], dtype=float)
                 w = w / w.sum()
@@ -272,6 +310,18 @@ def _gd_order(w: np.ndarray, k: int) -> list[int]:
 
 
 def _rank_plan(ctx: _Ctx, base: str, budget: int, client, rank_choices) -> Plan:
+    """The rank strategies' best documented configuration under the memory model (issue 15, item 2).
+
+    1. Every module at the largest rank choice that fits (HetLoRA's and FlexLoRA's own setting: a client's
+       rank on all modules).
+    2. A client that cannot afford every module even at the smallest rank: the modules are chosen first,
+       at the cheapest placement (the top ``n`` layers that fit at the smallest rank, or part of the top
+       layer), then their rank is raised to the largest choice at which they still fit, then modules of the
+       top layer left out are added at that rank while they fit. Rank costs almost no activation memory
+       (``b*s*r`` per module against ``b*s*d`` for the pass-through), so a client that affords a few top
+       layers at rank 1 usually affords them at the full rank: training them at rank 1 would handicap the
+       baseline for nothing.
+    """
     t0 = time.perf_counter()
     choices = rank_choices or list(ctx.memory.default_rank_choices())
     choices = sorted({min(int(r), ctx.memory.max_rank) for r in choices})
@@ -279,10 +329,17 @@ def _rank_plan(ctx: _Ctx, base: str, budget: int, client, rank_choices) -> Plan:
         plan = ctx.layer_modules(ctx.layers, r)
         if ctx.fits(plan, budget):
             return _plan(ctx, plan, budget, client, base, t0, message=f"rank {r} on every module")
-    r = choices[0]
-    n = ctx.affordable_layers(budget, r)
-    if n:
-        plan = ctx.layer_modules(ctx.layers[-n:], r)
-        return _plan(ctx, plan, budget, client, base, t0, message=f"rank {r} on the top {n} layers only")
-    return _plan(ctx, ctx.partial_top(budget, r), budget, client, base, t0,
-                 message=f"rank {r} on part of the top layer only")
+    r0 = choices[0]
+    n = ctx.affordable_layers(budget, r0)
+    names = list(ctx.layer_modules(ctx.layers[-n:], r0)) if n else list(ctx.partial_top(budget, r0))
+    rank = next(r for r in reversed(choices) if r == r0 or ctx.fits({m: r for m in names}, budget))
+    plan = {m: min(rank, ctx.memory.spec(m).max_rank) for m in names}
+    added = 0
+    for m in sorted(ctx.by_block[ctx.layers[-1]], key=lambda m: (ctx.memory.module_cost(m), m)):
+        r = min(rank, ctx.memory.spec(m).max_rank)
+        if m not in plan and ctx.fits({**plan, m: r}, budget):
+            plan[m] = r
+            added += 1
+    where = f"the top {n} layers" if n else "part of the top layer"
+    return _plan(ctx, plan, budget, client, base, t0,
+                 message=f"rank {rank} on {where} only" + (f" (+{added} top-layer modules)" if added else ""))

@@ -7,8 +7,10 @@ because that is what GPU tools (``nvidia-smi``, PyTorch's allocator stats) print
 
 from __future__ import annotations
 
+import csv
 import math
 import re
+from pathlib import Path
 
 from solvers.errors import BudgetParseError
 
@@ -51,7 +53,7 @@ def parse_bytes(text: str | int | float) -> int:
             raise BudgetParseError(f"memory amount {text!r} is negative")
         return int(text)
     if isinstance(text, float):
-        if not math.isfinite(text):
+        if not math.isfinite(text):  # NaN or inf
             raise BudgetParseError(f"memory amount {text!r} is not finite")
         if text < 0:
             raise BudgetParseError(f"memory amount {text!r} is negative")
@@ -75,7 +77,10 @@ def parse_bytes(text: str | int | float) -> int:
     # Integers without a fractional part are parsed exactly (no float rounding for "123456789012345").
     if re.fullmatch(r"\+?\d+", number):
         return int(number) * factor
-    return int(math.floor(value * factor))
+    nbytes = value * factor
+    if not math.isfinite(nbytes):  # 1e308TiB: a finite number times the unit overflows a float
+        raise BudgetParseError(f"memory amount {text!r} is too large (over {format_bytes(2**63)})")
+    return int(math.floor(nbytes))
 
 
 def format_bytes(n: int) -> str:
@@ -89,3 +94,50 @@ def format_bytes(n: int) -> str:
         if m >= factor:
             return f"{sign}{m / factor:.1f} {unit}"
     return f"{sign}{m} B"  # unreachable
+
+
+_HEADER_IDS = ("client", "client_id", "id")
+
+
+def read_budget_csv(path: str | Path) -> dict[int, int]:
+    """``client,budget`` rows of a CSV file -> ``{client id: bytes}``, ids kept as written (0,5,9 stay 0,5,9).
+
+    A header row (first cell ``client``, ``client_id`` or ``id``) and blank lines are skipped; budgets are in
+    human units (`parse_bytes`). The one parser of budget files, shared by ``fedkernels plan`` and the
+    trainer (``FederatedConfig.budgets_file``).
+
+    Raises:
+        BudgetParseError: a missing or unreadable file, a short row, a non-integer or negative id, a bad
+            budget, or a duplicate id; the message names the file, the line and the offending value.
+    """
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise BudgetParseError(f"budgets file {str(path)!r} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BudgetParseError(f"budgets file {str(path)!r} cannot be read: {exc}") from None
+    out: dict[int, int] = {}
+    first_line: dict[int, int] = {}
+    for lineno, row in enumerate(csv.reader(text.splitlines()), 1):
+        if not row or not "".join(row).strip() or row[0].strip().lower() in _HEADER_IDS:
+            continue
+        if len(row) < 2:
+            raise BudgetParseError(f"{path}:{lineno}: expected 'client,budget', got {row!r}")
+        try:
+            cid = int(row[0])
+        except ValueError:
+            raise BudgetParseError(f"{path}:{lineno}: client id must be an integer, got {row[0]!r}") from None
+        if cid < 0:
+            raise BudgetParseError(f"{path}:{lineno}: client id must be >= 0, got {cid}")
+        if cid in out:
+            raise BudgetParseError(f"{path}:{lineno}: duplicate client id {cid} (first given on line "
+                                   f"{first_line[cid]})")
+        try:
+            out[cid] = parse_bytes(row[1].strip())
+        except BudgetParseError as exc:
+            raise BudgetParseError(f"{path}:{lineno}: client {cid}: {exc}") from None
+        first_line[cid] = lineno
+    if not out:
+        raise BudgetParseError(f"budgets file {str(path)!r} has no 'client,budget' rows")
+    return out

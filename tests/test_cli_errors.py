@@ -106,7 +106,7 @@ def test_an_infeasible_budget_is_one_line(invoke):
 def test_a_missing_budgets_file_is_one_line(invoke):
     res = invoke("train", *TINY, "--budgets_file", "budgets.csv", "--output_dir", "run")
     assert res.exit_code == 2
-    assert the_line(res.stderr) == "error: No such file or directory: 'budgets.csv'"
+    assert the_line(res.stderr) == "error: FederatedConfig.budgets_file: budgets file 'budgets.csv' does not exist"
 
 
 def test_an_unwritable_output_folder_is_one_line(invoke, tmp_path):

@@ -66,14 +66,16 @@ def load_adapter_state(layers: dict[str, LoRALinear], state: Factors, ranks: dic
 
 def count_training_bytes(model: nn.Module, batch: dict, params: list[nn.Parameter], loss_fn,
                          optimizer: str = "adamw") -> int:
-    """Training memory of one step, measured by `solvers.memory.measure` (the memory model's own yardstick).
+    """Allocator peak of one training step, measured by `solvers.measure.measure_peak` (the memory model's yardstick).
 
-    Saved-for-backward bytes (unique storages, parameters excluded) + every parameter + a gradient and
-    two AdamW states per trainable parameter.
+    Forward, backward and the optimizer step on ``batch`` with the gradients and optimizer states of the
+    trainer's steady state alive (CPU: torch.profiler memory events; CUDA: ``max_memory_allocated``), plus
+    every parameter and buffer; everything is restored afterwards. Logged as ``measured_bytes`` next to
+    the plan's predicted peak ``planned_bytes``.
     """
-    from solvers.memory import measure
+    from solvers.measure import measure_peak
 
-    return int(measure(model, batch, params, loss_fn=loss_fn, optimizer=optimizer).total)
+    return int(measure_peak(model, batch, params, loss_fn=loss_fn, optimizer=optimizer).peak_bytes)
 
 
 def client_order(seed: int, round_idx: int, client_id: int, indices: np.ndarray) -> tuple[int, np.ndarray]:

@@ -39,8 +39,7 @@ def _allocation_matrix(trainer: FederatedTrainer) -> list[list[float]]:
     names = trainer.module_names
     layers = sorted({layer_index(m) for m in names if layer_index(m) is not None})
     per_layer = {l: [m for m in names if layer_index(m) == l] for l in layers}
-    plans = trainer.planner.plans_for_round(1, list(range(trainer.cfg.num_clients)), trainer.budgets,
-                                            trainer.global_state)
+    plans = trainer.planner.plans_for_round(1, list(range(trainer.cfg.num_clients)), trainer.budgets)
     rmax = trainer.cfg.lora_rank
     return [
         [sum(plans[c].modules.get(m, 0) for m in per_layer[l]) / (rmax * len(per_layer[l])) for l in layers]

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import csv
 import logging
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from fedkernels.errors import ConfigError
@@ -17,28 +15,27 @@ log = logging.getLogger("fedkernels.federated")
 
 __all__ = ["Planner", "read_budgets_csv"]
 
-RANDOMISED = ("fedra", "fedhello-rgd")  # allocations redrawn every round (seeded by round)
-
 
 def read_budgets_csv(path: str | Path, num_clients: int) -> dict[int, int]:
-    """``client,budget`` rows (budget in human units such as ``6GiB``); a header row is allowed."""
-    import solvers
+    """``client,budget`` rows (budget in human units such as ``6GiB``); a header row is allowed.
 
-    out: dict[int, int] = {}
-    with open(path, newline="") as fh:
-        for lineno, row in enumerate(csv.reader(fh), 1):
-            if not row or row[0].strip().lower() in ("client", "client_id", "id"):
-                continue
-            if len(row) < 2:
-                raise ConfigError(f"{path}:{lineno}: expected 'client,budget', got {row!r}")
-            try:
-                cid = int(row[0])
-            except ValueError:
-                raise ConfigError(f"{path}:{lineno}: client id must be an integer, got {row[0]!r}") from None
-            out[cid] = solvers.parse_bytes(row[1].strip())
+    Parsed by `solvers.units.read_budget_csv` (the parser ``fedkernels plan`` uses): ids are kept and a
+    duplicate id is rejected with its line. The trainer's clients are 0..num_clients-1: every one needs a
+    budget and no other id may appear. ConfigError names the file and the offending ids or line.
+    """
+    from solvers.errors import SolversError
+    from solvers.units import read_budget_csv
+
+    try:
+        out = read_budget_csv(path)
+    except SolversError as exc:
+        raise ConfigError(f"FederatedConfig.budgets_file: {exc}") from None
     missing = sorted(set(range(num_clients)) - set(out))
     if missing:
         raise ConfigError(f"{path}: no budget for clients {missing[:10]}")
+    extra = sorted(set(out) - set(range(num_clients)))
+    if extra:
+        raise ConfigError(f"{path}: client ids {extra[:10]} outside 0..{num_clients - 1} (num_clients {num_clients})")
     return out
 
 
@@ -51,10 +48,12 @@ class Planner:
     def __init__(self, model: torch.nn.Module, layers: dict, cfg: FederatedConfig, allocation: str,
                  calibration_batch: dict | None = None, head_params: list | None = None) -> None:
         from fedkernels.nn import layer_index
-        from solvers.memory import MemoryModel
+        from solvers.memory_model import MemoryModel
+        from solvers.strategies import strategy_traits
 
         self.cfg = cfg
         self.allocation = allocation
+        self.traits = strategy_traits(allocation)
         self.layers = layers
         self.importance: dict[str, float] | None = None
         self._measured: dict[str, int] = {}
@@ -65,8 +64,8 @@ class Planner:
             blocks[m] = idx if idx is not None else i
         if calibration_batch is None:
             raise ConfigError("Planner needs a calibration batch to measure the model's training memory")
-        # Calibrated by measurement on the very model the clients train (saved-tensor hooks, as
-        # `solvers.memory.measure` counts), so plans are checked against what training really keeps.
+        # Calibrated by measurement on the very model the clients train (saved-tensor hooks and the step's
+        # allocator peak, `solvers.measure`), so plans are checked against the peak training really reaches.
         # Train mode: dropout masks are saved for backward during training, so calibrate with them.
         was_training = model.training
         model.train()
@@ -78,7 +77,11 @@ class Planner:
             optimizer=cfg.optimizer,
             always_trainable=list(head_params or []),
         )
-        if allocation.startswith(("fedpilot", "fedhello-fim")):
+        margin = getattr(cfg, "memory_margin", 0.0)
+        if isinstance(margin, bool) or not isinstance(margin, int | float) or not 0 <= margin < 1:
+            raise ConfigError(f"FederatedConfig.memory_margin must be a fraction in [0, 1), got {margin!r}")
+        self.memory = self.memory.with_margin(float(margin))
+        if self.traits.needs_importance:
             # Module values for the knapsack / FIM clusters: empirical-Fisher mass of each module's factors
             # on a probe batch, normalised to sum 1 [I]. Fed-pilot's IG-score mixes this local signal with
             # global update norms (algorithms.md sec. 1); plans are fixed after round 1 here, so only the
@@ -100,7 +103,7 @@ class Planner:
             return {i: solvers.parse_bytes(b) for i, b in enumerate(cfg.budgets)}
         if cfg.budgets_file:
             return read_budgets_csv(cfg.budgets_file, cfg.num_clients)
-        lo, hi = self.memory.min_trainable_bytes(), self.memory.full_bytes()
+        lo, hi = self.memory.min_trainable_bytes(), self.memory.full_bytes()  # predicted peaks, margin included
         # tiers are fractions of the way from "one module" to "everything": 0 is the poorest feasible client
         tiers = [int(lo + f * (hi - lo)) for f in cfg.budget_tiers]
         return {i: tiers[i % len(tiers)] for i in range(cfg.num_clients)}
@@ -109,16 +112,22 @@ class Planner:
         """Raise `solvers.errors.InfeasibleBudgetError` naming the first client that cannot train anything."""
         from solvers.errors import InfeasibleBudgetError
 
-        need = self.memory.min_trainable_bytes()
+        if not self.traits.budgeted:
+            return
+        need = self.memory.min_trainable_bytes(self.memory.default_rank_choices() if self.traits.ranks else None)
         for cid, b in sorted(budgets.items()):
-            if b < need and self.allocation != "full":
+            if b < need:
                 raise InfeasibleBudgetError(client=cid, budget=b, min_bytes=need)
 
     # plans -----------------------------------------------------------------
-    def plans_for_round(self, round_idx: int, sampled: list[int], budgets: dict[int, int], global_state) -> dict:
+    def plans_for_round(self, round_idx: int, sampled: list[int], budgets: dict[int, int]) -> dict:
+        """Plans of the sampled clients; solved once, or redrawn every round for a randomised strategy.
+
+        Every plan's ``predicted_bytes`` is its predicted allocator peak (margin included), within budget.
+        """
         from solvers.strategies import plan_clients
 
-        randomised = self.allocation.startswith(RANDOMISED)
+        randomised = self.traits.randomised
         if not randomised and self._fixed is not None and all(c in self._fixed for c in sampled):
             return {c: self._fixed[c] for c in sampled}
         seed = int(rng_for(self.cfg.seed, round_idx if randomised else 0, 0x9A7).integers(2**31))
@@ -146,10 +155,3 @@ class Planner:
 
     def load_state_dict(self, state: dict) -> None:
         self._measured = dict(state.get("measured", {}))
-
-    @staticmethod
-    def tiers_summary(budgets: dict[int, int]) -> list[int]:
-        return sorted(set(budgets.values()), key=int) if budgets else []
-
-    def spread(self) -> float:
-        return float(np.std(list(self._measured.values()))) if self._measured else 0.0

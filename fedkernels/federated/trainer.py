@@ -320,7 +320,7 @@ class FederatedTrainer:
         if budgets != self.budgets:
             self.budgets = dict(budgets)
             self.planner._fixed = None  # the cached fixed plans were solved for the old budgets
-        plans = self.planner.plans_for_round(round_idx, sampled, self.budgets, self.global_state)
+        plans = self.planner.plans_for_round(round_idx, sampled, self.budgets)
         measure, seen = set(), set()
         for cid in sampled:  # the first client of each unmeasured plan measures it (its own step, so sequential)
             key = tuple(sorted(plans[cid].modules.items()))

@@ -96,3 +96,30 @@ def test_mounted_in_fedkernels_cli():
     fk = pytest.importorskip("fedkernels.cli")
     names = {c.name or c.callback.__name__ for c in fk.app.registered_commands}
     assert "plan" in names
+
+
+def test_budget_csv_ids_kept_duplicates_rejected_and_huge_budget_typed(tmp_path):
+    out = tmp_path / "o.json"
+    csv_file = tmp_path / "b.csv"
+    csv_file.write_text("client,budget\n0,4GiB\n5,8GiB\n9,16GiB\n")
+    res = runner.invoke(app, ["plan", "--model", "bert-tiny", "--batch-size", "2", "--seq-len", "16",
+                              "--budgets", str(csv_file), "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    assert [p["client"] for p in json.loads(out.read_text())["plans"]] == [0, 5, 9]
+    csv_file.write_text("client,budget\n0,4GiB\n5,8GiB\n0,16GiB\n")
+    res = runner.invoke(app, ["plan", "--model", "bert-tiny", "--budgets", str(csv_file)])
+    assert res.exit_code == 2 and "b.csv:4: duplicate client id 0" in res.output.replace("\n", "")
+    for bad in ("1e308TiB", "nan", "-1GiB"):
+        res = runner.invoke(app, ["plan", "--model", "bert-tiny", "--budget", bad])
+        assert res.exit_code == 2 and bad in res.output and "Traceback" not in res.output, (bad, res.output)
+        assert not isinstance(res.exception, OverflowError)
+
+
+def test_plan_table_prints_dtype_and_peak_with_user_default_dtype():
+    res = runner.invoke(app, ["plan", "--model", "bert-tiny", "--batch-size", "2", "--seq-len", "16",
+                              "--budget", "1GiB"])
+    assert res.exit_code == 0, res.output
+    flat = " ".join(res.output.split())
+    assert "float32" in flat and "peak" in flat
+    assert MemoryModel.from_config("llama-7b", batch_size=1, seq_len=8, rank=8).dtype == "bfloat16"
+    assert MemoryModel.from_config("bert-tiny", batch_size=1, seq_len=8, rank=8).dtype == "float32"

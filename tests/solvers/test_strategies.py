@@ -156,9 +156,11 @@ def test_fedpilot_other_backends_fit(backend, bert6):
 def test_hetlora_rank_grows_with_budget(bert6):
     budgets = _budgets(bert6)
     plans = plan_clients("hetlora", bert6, budgets, rank_choices=(1, 2, 4, 8))
-    ranks = [max(p.modules.values()) for p in plans.values()]
-    assert ranks == sorted(ranks) and ranks[-1] == 8
     full = [p for p in plans.values() if len(p.modules) == len(bert6.modules)]
+    ranks = [max(p.modules.values()) for p in full]  # among clients training every module, rank grows
+    assert ranks == sorted(ranks) and ranks[-1] == 8
+    counts = [len(p.modules) for p in plans.values()]  # below that, more budget never trains fewer modules
+    assert counts == sorted(counts)
     assert full and all(len(set(p.modules.values())) == 1 for p in full)
 
 
@@ -188,3 +190,43 @@ def test_unknown_strategy_lists_names(bert6):
         plan_clients("fedmagic", bert6, {0: 10**9})
     with pytest.raises(ValueError, match="fedhello-gd:zigzag"):
         plan_clients("fedhello-gd:zigzag", bert6, {0: 10**9})
+
+
+@pytest.mark.parametrize("strategy", ["hetlora", "flexlora"])
+def test_rank_strategies_give_a_low_tier_the_largest_rank_that_fits(strategy, bert6):
+    """Issue 15 item 2: a client that affords a few top layers at rank 1 affords them at rank 8 too."""
+    choices = (1, 2, 4, 8)
+    top = [sp.name for sp in bert6.modules if sp.block == bert6.num_blocks - 1]
+    at8 = bert6.predict({m: 8 for m in top})
+    assert not bert6.predict({m: 1 for m in bert6.module_names}) <= at8  # not every module at rank 1
+    plan = plan_clients(strategy, bert6, {0: at8}, rank_choices=choices)[0]
+    assert set(plan.modules) >= set(top), plan.modules
+    assert min(plan.modules.values()) == 8, (plan.modules, plan.message)
+    assert plan.predicted_bytes <= at8
+    # the rank is the largest that fits the chosen modules: one byte less and rank 8 no longer fits
+    tight = plan_clients(strategy, bert6, {0: at8 - 1}, rank_choices=choices)[0]
+    assert tight.modules and max(tight.modules.values()) < 8 or len(tight.modules) < len(top)
+
+
+def test_strategy_traits_registry():
+    from solvers.errors import ProblemError
+    from solvers.strategies import strategy_traits
+
+    assert strategy_traits("fedra").randomised and strategy_traits("fedhello-rgd:triangle").randomised
+    assert strategy_traits("fedhello-fim").needs_importance and strategy_traits("fedpilot").needs_importance
+    assert not strategy_traits("full").budgeted and strategy_traits("fedra").budgeted
+    assert not strategy_traits("fedhello-gd:triangle").randomised and not strategy_traits("hetlora").randomised
+    assert strategy_traits("flexlora").ranks and not strategy_traits("fedpilot").ranks
+    with pytest.raises(ProblemError, match="unknown strategy 'nope'"):
+        strategy_traits("nope")
+
+
+def test_unknown_backend_is_one_error_type_everywhere(bert6):
+    from solvers import solve
+    from solvers.errors import ProblemError
+
+    budgets = _budgets(bert6, 2)
+    with pytest.raises(ProblemError, match="unknown solver backend 'simplex'"):
+        plan_clients("fedpilot", bert6, budgets, backend="simplex")
+    with pytest.raises(ProblemError, match="unknown solver backend 'simplex'"):
+        solve(bert6.problem(budgets[0]), "simplex")

@@ -49,3 +49,27 @@ def test_format_bytes(n, text):
 def test_round_trip_binary_units():
     for n in (5 * 2**20, 7 * 2**30, 3 * 2**10):
         assert parse_bytes(format_bytes(n).replace(" ", "")) == n
+
+
+@pytest.mark.parametrize("text", ["1e308TiB", "1e400", "nan", "NaN GiB", "-1GiB", "inf", float("nan"), -3])
+def test_huge_nan_and_negative_amounts_are_budget_parse_errors(text):
+    with pytest.raises(BudgetParseError, match="memory amount"):
+        parse_bytes(text)
+
+
+def test_budget_csv_keeps_ids_and_rejects_duplicates_with_line(tmp_path):
+    from solvers.units import read_budget_csv
+
+    good = tmp_path / "b.csv"
+    good.write_text("client,budget\n0,1GiB\n5,2GiB\n\n9,512MiB\n")
+    assert read_budget_csv(good) == {0: 2**30, 5: 2 * 2**30, 9: 512 * 2**20}
+    dup = tmp_path / "d.csv"
+    dup.write_text("0,1GiB\n5,2GiB\n0,3GiB\n")
+    with pytest.raises(BudgetParseError, match=r"d.csv:3: duplicate client id 0 \(first given on line 1\)"):
+        read_budget_csv(dup)
+    bad = tmp_path / "x.csv"
+    bad.write_text("0,1GiB\n1,1e308TiB\n")
+    with pytest.raises(BudgetParseError, match=r"x.csv:2: client 1: .*too large"):
+        read_budget_csv(bad)
+    with pytest.raises(BudgetParseError, match="does not exist"):
+        read_budget_csv(tmp_path / "missing.csv")
