@@ -196,7 +196,7 @@ def smollm2_path(*, progress: bool = True) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     if progress:
         print(f"fedkernels: converting {SMOLLM2_GGUF} to a cached safetensors folder {target} "
-              "(once; about 30 s)...", file=sys.stderr, flush=True)
+              "(once; 30-110 s on 2 shared cores)...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     tokenizer, gguf_model = load_gguf_causal_lm(gguf_file)
     from transformers import AutoModelForCausalLM
