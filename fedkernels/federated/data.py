@@ -19,6 +19,7 @@ __all__ = [
     "partition_iid",
     "partition_dirichlet",
     "partition_pathological",
+    "partition_task",
     "partition",
     "load_dataset",
     "TokenizedData",
@@ -91,6 +92,35 @@ def partition_pathological(
     return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
 
 
+def partition_task(labels: np.ndarray, num_clients: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Each client holds exactly one task (one label value), as in FlexLoRA's and FederatedScope-LLM's "meta"
+    split. Tasks are dealt round-robin over a seeded order; a task held by several clients is split evenly
+    among them. With fewer clients than tasks the tasks left over are held by nobody (logged).
+
+    Raises:
+        ConfigError: a task has fewer examples than clients holding it (some client would get none).
+    """
+    tasks = rng.permutation(np.unique(labels))
+    holders: dict[int, list[int]] = {}
+    for client in range(num_clients):
+        holders.setdefault(int(tasks[client % len(tasks)]), []).append(client)
+    if num_clients < len(tasks):
+        import logging
+
+        logging.getLogger("fedkernels").warning(
+            "task partition: %d clients for %d tasks; tasks %s are held by no client",
+            num_clients, len(tasks), sorted(int(t) for t in tasks[num_clients:]))
+    parts: list[np.ndarray] = [np.empty(0, dtype=np.int64)] * num_clients
+    for t, owners in holders.items():
+        idx = rng.permutation(np.flatnonzero(labels == t))
+        if len(idx) < len(owners):
+            raise ConfigError(f"task partition: task {t} has {len(idx)} examples for {len(owners)} clients; "
+                              "lower num_clients")
+        for owner, chunk in zip(owners, np.array_split(idx, len(owners)), strict=True):
+            parts[owner] = np.sort(chunk.astype(np.int64))
+    return parts
+
+
 def partition(labels: np.ndarray, num_clients: int, spec: tuple[str, float | None], seed: int) -> list[np.ndarray]:
     """Dispatch on a parsed partition spec (``FederatedConfig.partition_spec()``)."""
     kind, value = spec
@@ -103,17 +133,25 @@ def partition(labels: np.ndarray, num_clients: int, spec: tuple[str, float | Non
     rng = rng_for(seed, 0xDA7A)
     if kind == "iid":
         return partition_iid(labels, num_clients, rng)
+    if kind == "task":
+        return partition_task(labels, num_clients, rng)
     if kind == "dirichlet":
         return partition_dirichlet(labels, num_clients, float(value), rng)
     return partition_pathological(labels, num_clients, int(value), rng)
 
 
-def load_dataset(name: str):
-    """``bbc-news`` (bundled, offline) or a local CSV/JSON/JSONL file with text and label columns."""
+def load_dataset(name: str, *, task: str | None = None, columns: dict[str, str] | None = None):
+    """``bbc-news`` / ``instruct-mix`` (bundled, offline) or a local CSV/JSON/JSONL file: text and label
+    columns for classification, instruction/input/output ones for ``task="causal-lm"`` (inferred from the
+    columns when ``task`` is None; ``columns`` maps roles to other column names)."""
     if name in ("bbc-news", "bbc", "bbcnews"):
         from fedkernels.assets import load_bbc_news
 
         return load_bbc_news()
+    from fedkernels.federated import instruct
+
+    if name == instruct.INSTRUCT_MIX:
+        return instruct.load_instruct_mix()
     path = Path(name)
     if not path.is_file():
         raise ConfigError(f"dataset {name!r} is neither 'bbc-news' nor a local .csv/.json/.jsonl file")
@@ -123,6 +161,13 @@ def load_dataset(name: str):
     if kind is None:
         raise ConfigError(f"dataset file {name!r} must be .csv, .json or .jsonl")
     ds = datasets.load_dataset(kind, data_files=str(path), split="train")
+    from fedkernels.federated.tasks import infer_task
+
+    if (task or infer_task(ds.column_names, columns, source=f"dataset {name!r}")) == "causal-lm":
+        return instruct.normalise_instructions(ds, columns, source=f"dataset {name!r}")
+    renames = {c: r for r, c in (columns or {}).items() if r in ("text", "label") and c != r}
+    if renames and set(renames) <= set(ds.column_names):
+        ds = ds.rename_columns(renames)
     missing = {"text", "label"} - set(ds.column_names)
     if missing:
         raise ConfigError(f"dataset {name!r} lacks columns {sorted(missing)} (has {ds.column_names})")

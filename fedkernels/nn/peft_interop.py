@@ -51,6 +51,7 @@ def export_peft(
     *,
     base_model_name_or_path: str | None = None,
     modules: list[str] | None = None,
+    task_type: str | None = None,
 ) -> Path:
     """Write ``model``'s adapters as a peft LoRA adapter that `peft.PeftModel.from_pretrained` loads.
 
@@ -58,6 +59,8 @@ def export_peft(
     become ``rank_pattern`` entries; ``alpha_pattern`` reproduces our scale exactly (alpha_k = scale * r_k,
     rsLoRA folded in the same way). Modules whose product is exactly zero (never trained, B = 0, or
     rank 0) are left out: excluding them changes no output. ``modules`` restricts the export further.
+    ``task_type`` (peft's, e.g. ``"CAUSAL_LM"``) makes `PeftModel.from_pretrained` return the matching
+    wrapper (`PeftModelForCausalLM`, which generates).
 
     Returns the folder written. Files are written atomically.
     """
@@ -92,7 +95,7 @@ def export_peft(
     alpha_pattern = {re.escape(n): a for n, a in alphas.items() if a != a0}
     config = {
         "peft_type": "LORA",
-        "task_type": None,
+        "task_type": task_type,
         "base_model_name_or_path": base_model_name_or_path,
         "r": r0,
         "lora_alpha": a0,
