@@ -180,10 +180,11 @@ def train(
     except (FedKernelsError, ValueError) as exc:
         _fail(exc)
     table = Table(title=f"{cfg.strategy} on {cfg.dataset}")
-    for col in ("round", "accuracy", "loss", "clients ok", "MiB up", "s"):
+    metric = summary.metric  # the task's headline metric: accuracy, or ROUGE-L (generation rounds only)
+    for col in ("round", metric, "loss", "clients ok", "MiB up", "s"):
         table.add_column(col, justify="right")
     for h in summary.history:
-        table.add_row(str(h["round"]), f"{h['accuracy']:.3f}", f"{h['loss']:.3f}",
+        table.add_row(str(h["round"]), f"{h[metric]:.3f}" if metric in h else "-", f"{h['loss']:.3f}",
                       f"{len(h['succeeded'])}/{len(h['sampled'])}" + (" skipped" if h["skipped"] else ""),
                       f"{h['bytes_up'] / 2**20:.2f}", f"{h['wall_s']:.1f}")
     console.print(table)
@@ -194,7 +195,7 @@ def _run_flower(cfg, engine: str, resume: bool):
     """Run on Flower (`fedkernels.flower.launch`) and read the run's metrics back into a RunSummary."""
     import json
 
-    from fedkernels.federated.trainer import RunSummary
+    from fedkernels.federated.trainer import RunSummary, last_metric
     from fedkernels.flower import flwr_available
 
     if not flwr_available():
@@ -205,8 +206,11 @@ def _run_flower(cfg, engine: str, resume: bool):
     history = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
     last = history[-1]
     adapter = out / "adapter"
-    return RunSummary(len(history), last["accuracy"], last["loss"], history, out,
-                      adapter if adapter.is_dir() else None)
+    summary_path = out / "summary.json"
+    metric = json.loads(summary_path.read_text()).get("metric", "accuracy") if summary_path.exists() else "accuracy"
+    return RunSummary(len(history), float(last.get("accuracy", float("nan"))), last["loss"], history, out,
+                      adapter if adapter.is_dir() else None, metric=metric,
+                      final_metric=last_metric(history, metric))
 
 
 def _compare_and_report(cfg, strategies, partitions, seeds, out: Path, dataset=None) -> None:
