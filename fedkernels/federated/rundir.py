@@ -20,6 +20,7 @@ The folder holds ``config.json``, ``metrics.jsonl`` (one JSON line per committed
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -103,6 +104,7 @@ class RunDirectory:
                 try:
                     os.link(tmp, self.lock_path)  # atomic: fails if the lock exists
                     _HELD.add(key)
+                    atexit.register(self.release)  # a run that raised still frees the folder when Python exits
                     return
                 except FileExistsError:
                     self._break_if_stale()

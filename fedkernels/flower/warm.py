@@ -25,6 +25,11 @@ __all__ = ["WarmClientApp", "PollingGrid", "main"]
 
 log = logging.getLogger("fedkernels.flower")
 
+# An object of a message is pulled from the SuperNode, which may still be fetching it from the SuperLink when we
+# claim the task; Flower retries after 1 s, then 2 s, 4 s... (PULL_INITIAL_BACKOFF, supercore/constant.py), which
+# measured 1.2-3.7 s of a 4 s task. Retrying after 50 ms, doubling up to 0.5 s, finds it as soon as it lands.
+PULL_BACKOFF_S, PULL_BACKOFF_CAP_S = 0.05, 0.5
+
 # A ServerApp's `Grid.send_and_receive` sleeps 3 s between reply polls (flwr 1.42 http_grid.py): with replies
 # ready after 0.3 s of training, a round waits 3 s for nothing. 50 ms keeps that wait at a few percent.
 SERVER_POLL_S = 0.1
@@ -104,7 +109,7 @@ class WarmClientApp:
         from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
         from flwr.supercore.retry import make_simple_http_retry_invoker
         from flwr.supercore.runtime import RuntimeHttpClient
-        from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+        from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
         retry = make_simple_http_retry_invoker()
         client = RuntimeHttpClient.from_server_address(
@@ -120,7 +125,7 @@ class WarmClientApp:
         t = time.perf_counter()
         try:
             heartbeat.start()
-            message, context, run, fab = pull_task_input(client)
+            message, context, run, fab = _pull_task_input(client)
             times["pull"], t = time.perf_counter() - t, time.perf_counter()
             reply = self._client_app(run, fab)(message=message, context=context)
             times["app"], t = time.perf_counter() - t, time.perf_counter()
@@ -142,6 +147,36 @@ class WarmClientApp:
                 heartbeat.stop()
             client.close()
             times["push"] = time.perf_counter() - t
+
+
+def _pull_task_input(client):
+    """Flower's ``pull_task_input`` (flwr/supernode/runtime/run_clientapp.py), with the short pull backoff."""
+    from flwr.app import Message
+    from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
+    from flwr.proto.node_pb2 import Node  # pylint: disable=E0611
+    from flwr.proto.runtime_pb2 import PullAppMessagesRequest, PullTaskInputRequest  # pylint: disable=E0611
+    from flwr.supercore.inflatable.inflatable_protobuf_utils import (
+        make_confirm_message_received_fn_protobuf,
+        make_pull_object_fn_protobuf,
+    )
+    from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
+    from flwr.supercore.task_identity import TaskIdentity
+
+    res = client.PullTaskInput(PullTaskInputRequest())
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = res.task_id, res.run.run_id, res.context.node_id
+    context, run, fab = context_from_proto(res.context), run_from_proto(res.run), fab_from_proto(res.fab)
+    msgs = client.PullMessages(PullAppMessagesRequest())
+    if not msgs.messages_list:
+        raise RuntimeError("no message received from the SuperNode's Runtime API")
+    node = Node(node_id=context.node_id)
+    tree = msgs.message_object_trees[0]
+    message = pull_and_inflate_object_from_tree(
+        tree, make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
+        make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
+        return_type=Message, initial_backoff=PULL_BACKOFF_S, backoff_cap=PULL_BACKOFF_CAP_S,
+        max_tries_per_object=None)
+    message.metadata.__dict__["_message_id"] = tree.object_id  # the deflated message does not carry its own id
+    return message, context, run, fab
 
 
 class PollingGrid:
