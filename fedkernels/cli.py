@@ -1,27 +1,111 @@
-"""The `fedkernels` command line: demo, train, compare, plan, export, bench."""
+"""The `fedkernels` command line: demo, train, compare, plan, export, bench.
+
+Errors: a user error (a bad config value or file, an infeasible budget, a file that cannot be read or written)
+prints one line, ``error: ...`` naming the bad value, and exits with status 2. Anything else is a bug in
+fedkernels: it prints one ``internal error`` line and exits with status 1. ``--verbose`` (before the command,
+``fedkernels --verbose plan ...``, or the command's own ``-v``) adds the traceback in both cases.
+
+Imports are lazy: torch and transformers load inside the commands that need them, so ``fedkernels --help``
+and ``fedkernels plan --help`` start in well under a second.
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
+import traceback
 from pathlib import Path
 
+import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperGroup
 
 from fedkernels.errors import FedKernelsError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console()
 err = Console(stderr=True)
 
 EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
 
+_state = {"verbose": False}  # set by --verbose (global or per command); read when an error is reported
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that are the user's to fix. Parser errors are included only when their library was
+    imported: an error cannot come from a library nobody loaded, and importing it here would slow every run."""
+    import json
+    import tomllib
+
+    from solvers.errors import SolversError
+
+    kinds: list[type[BaseException]] = [FedKernelsError, SolversError, OSError, json.JSONDecodeError,
+                                        tomllib.TOMLDecodeError, UnicodeDecodeError]
+    if "yaml" in sys.modules:
+        kinds.append(sys.modules["yaml"].YAMLError)
+    return tuple(kinds)
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
+        text = f"{exc.strerror}: {str(exc.filename)!r}"  # "[Errno 13] ..." adds nothing a user can act on
+        if exc.filename2 is not None:
+            text += f" -> {str(exc.filename2)!r}"
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join(text.split())  # yaml and rich messages span lines; the promise is one line
+
+
+def _report(exc: BaseException, *, user: bool | None = None) -> typer.Exit:
+    """Print ``exc`` as one line on stderr (the traceback first under --verbose) and return the Exit to raise:
+    status 2 for a user error, 1 for a bug."""
+    if user is None:
+        user = isinstance(exc, _user_errors())
+    if _state["verbose"]:
+        traceback.print_exception(exc, file=sys.stderr)
+    if user:
+        err.print(f"[bold red]error:[/] {escape(_one_line(exc))}", soft_wrap=True, highlight=False)
+        return typer.Exit(2)
+    hint = "" if _state["verbose"] else "; run with --verbose for the traceback"
+    err.print(f"[bold red]internal error[/] ({type(exc).__name__}): {escape(_one_line(exc))}{hint}",
+              soft_wrap=True, highlight=False)
+    return typer.Exit(1)
+
+
+class _Group(TyperGroup):
+    """The one place errors are turned into exit statuses: every command runs inside `invoke` (the console
+    script and typer's CliRunner alike), so no command needs its own catch-all."""
+
+    def invoke(self, ctx: click.Context):
+        _state["verbose"] = False
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise  # click's own: --help, usage errors, typer.Exit from a command
+        except Exception as exc:  # noqa: BLE001 - classified and reported by _report
+            raise _report(exc) from None
+
+
+HELP = (
+    "Federated LoRA fine-tuning for clients with different memory budgets: demo, train, compare, plan, export, "
+    "bench.\n\n"
+    "A user error prints one line 'error: ...' and exits with status 2; an internal error (a bug) prints one "
+    "line and exits with status 1; --verbose adds the traceback."
+)
+app = typer.Typer(cls=_Group, add_completion=False, no_args_is_help=True, help=HELP, pretty_exceptions_enable=False)
+
+
+@app.callback()
+def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress; tracebacks on errors.")) -> None:
+    if verbose:
+        _state["verbose"] = True
+
 
 def _fail(exc: Exception) -> None:
-    err.print(f"[bold red]error:[/] {exc}")
-    raise typer.Exit(2)
+    """Report an error a command caught itself (always shown as a user error, exit 2)."""
+    raise _report(exc, user=True)
 
 
 def _pairs(args: list[str]) -> dict[str, str]:
@@ -52,6 +136,9 @@ def _load_config(config: Path | None, overrides: dict[str, str]):
 
 def _setup_logging(verbose: bool) -> None:
     from rich.logging import RichHandler
+
+    if verbose:
+        _state["verbose"] = True
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
                         handlers=[RichHandler(console=err, show_path=False)])

@@ -243,6 +243,10 @@ class AggregationRule:
 
     name: ClassVar[str] = "base"
     Options: ClassVar[type] = RuleOptions
+    #: True when `aggregate` returns ``base_deltas`` that the server merges into the frozen base weights (FLoRA):
+    #: the base weights are then part of the run's state (checkpointed, sent to remote clients every round) and
+    #: are exported next to the adapter. False: the base stays the pretrained one and only the adapter moves.
+    mutates_base: ClassVar[bool] = False
 
     def __init__(self, **options: Any):
         valid = {f.name for f in dataclasses.fields(self.Options)}

@@ -59,6 +59,7 @@ class FLoRAOptions(RuleOptions):
 class FLoRA(AggregationRule):
     name = "flora"
     Options = FLoRAOptions
+    mutates_base = True  # the stacked product goes into the base weight every round (`base_deltas`)
 
     def _aggregate(self, state: GlobalState, updates: list[ClientUpdate], plans, result: AggregationResult) -> None:
         new_round = state.round + 1

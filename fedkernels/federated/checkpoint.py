@@ -298,3 +298,14 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     tensors = load_safetensors(path / "state.safetensors", check_finite=False)
     meta = json.loads((path / "state.json").read_text())
     return tensors, meta
+
+
+def global_tensors(global_state, head: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The global adapter under the checkpoint's names: ``global.<module>.A|B`` and ``head.<key>`` (the names
+    ``state.safetensors`` uses, and the Flower engine's `ArrayRecord` of each round)."""
+    out: dict[str, torch.Tensor] = {}
+    for m, (A, B) in global_state.factors.items():
+        out[f"global.{m}.A"] = A
+        out[f"global.{m}.B"] = B
+    out.update({f"head.{k}": v for k, v in head.items()})
+    return out

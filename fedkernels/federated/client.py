@@ -5,17 +5,20 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fedkernels.errors import ConfigError
 from fedkernels.federated.data import TokenizedData, rng_for
 from fedkernels.nn import LoRALinear
 
-__all__ = ["ClientResult", "client_order", "load_adapter_state", "step_indices", "train_client",
-           "count_training_bytes", "inject_fault"]
+__all__ = ["ClientJob", "ClientResult", "LocalTraining", "Replay", "SharedModel", "classification_loss", "client_order",
+           "load_adapter_state", "step_indices", "train_client", "count_training_bytes", "inject_fault",
+           "fault_injector"]
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
@@ -90,43 +93,108 @@ def step_indices(order: np.ndarray, step: int, batch_size: int) -> np.ndarray:
     return np.take(order, range(lo, lo + batch_size), mode="wrap")
 
 
-def _loss(model: nn.Module, batch: dict) -> torch.Tensor:
+def classification_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    """Mean cross-entropy of the model's logits (in fp32) against ``batch["labels"]``: the one training loss of local
+    training (sequential and parallel), the memory model's calibration and the server's evaluation."""
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     return F.cross_entropy(out.logits.float(), batch["labels"])
 
 
-def train_client(
-    *,
-    client_id: int,
-    model: nn.Module,
-    layers: dict[str, LoRALinear],
-    head: nn.Module,
-    plan: dict[str, int],
-    start: Factors,
-    global_factors: Factors,
-    global_head: dict[str, torch.Tensor],
-    data: TokenizedData,
-    indices: np.ndarray,
-    local_steps: int,
-    batch_size: int,
-    optimizer: str,
-    lr: float,
-    weight_decay: float,
-    seed: int,
-    round_idx: int,
-    measure_memory: bool = False,
-    penalty: Callable[[Factors], torch.Tensor] | None = None,
-) -> ClientResult:
-    """Train client ``client_id`` for ``local_steps`` steps on its ``indices`` under ``plan`` (module -> rank).
+LossFn = Callable[[nn.Module, dict], torch.Tensor]
+
+
+class Replay:
+    """Stands in for the model in ``loss_fn(model, batch)`` when the forward pass is already done: returns
+    ``logits`` (the pass's output rows for exactly ``batch``). Lets one loss function serve a shared pass over
+    several clients (`fedkernels.federated.parallel`) and the evaluation pass that also needs the logits.
+
+    Raises `ConfigError` when the loss calls the model with anything but ``batch``'s ``input_ids`` /
+    ``attention_mask`` (a loss that needs another forward pass cannot reuse this one)."""
+
+    def __init__(self, logits: torch.Tensor, batch: dict) -> None:
+        self.logits = logits
+        self.batch = batch
+
+    def __call__(self, *args, **kwargs) -> SimpleNamespace:
+        extra = sorted(set(kwargs) - {"input_ids", "attention_mask"})
+        if args or extra or kwargs.get("input_ids") is not self.batch["input_ids"]:
+            raise ConfigError(f"the loss function called the model with {len(args)} positional argument(s) and "
+                              f"keywords {sorted(kwargs)}, not its batch's input_ids/attention_mask: it cannot reuse "
+                              "a forward pass already done")
+        return SimpleNamespace(logits=self.logits)
+Penalty = Callable[[Factors], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class LocalTraining:
+    """How every client trains locally: ``local_steps`` optimizer steps of ``batch_size`` examples with
+    ``optimizer`` (``adamw`` | ``sgd``) at ``lr`` / ``weight_decay``; batch order and dropout derive from ``seed``.
+    ``loss_fn(model, batch) -> scalar`` is the task loss (default `classification_loss`)."""
+
+    local_steps: int
+    batch_size: int
+    optimizer: str
+    lr: float
+    weight_decay: float
+    seed: int
+    loss_fn: LossFn = classification_loss
+
+    @classmethod
+    def from_config(cls, cfg) -> LocalTraining:
+        """The settings of a `FederatedConfig` (built once per run, shared by every client and engine)."""
+        return cls(local_steps=cfg.local_steps, batch_size=cfg.batch_size, optimizer=cfg.optimizer, lr=cfg.lr,
+                   weight_decay=cfg.weight_decay, seed=cfg.seed)
+
+    def make_optimizer(self, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+        if self.optimizer == "adamw":
+            return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        return torch.optim.SGD(params, lr=self.lr, weight_decay=self.weight_decay)
+
+
+@dataclass(frozen=True)
+class SharedModel:
+    """The model simulated clients train in turn (in-process) or a node trains (Flower): the model, its LoRA
+    layers, the name of its classification head and the tokenised data the clients' indices point into."""
+
+    model: nn.Module
+    layers: dict[str, LoRALinear]
+    head_name: str
+    data: TokenizedData
+
+    @property
+    def head(self) -> nn.Module:
+        return self.model.get_submodule(self.head_name)
+
+
+@dataclass
+class ClientJob:
+    """Everything one client needs for one round: its plan (module -> rank), start factors of the planned modules,
+    the global adapter and head it downloads, its example indices, the rule's loss term (``penalty``) and whether
+    to measure its training memory."""
+
+    client_id: int
+    round_idx: int
+    plan: dict[str, int]
+    start: Factors
+    global_factors: Factors
+    global_head: dict[str, torch.Tensor]
+    indices: np.ndarray
+    penalty: Penalty | None = None
+    measure_memory: bool = False
+
+
+def train_client(job: ClientJob, *, on: SharedModel, settings: LocalTraining) -> ClientResult:
+    """Train ``job.client_id`` for ``settings.local_steps`` steps on its indices under its plan, on ``on``'s model.
 
     Modules outside the plan carry the global adapter frozen (they still act in forward); planned modules
-    start from ``start`` (what the aggregation rule hands this client) at their planned rank and train.
+    start from ``job.start`` (what the aggregation rule hands this client) at their planned rank and train.
     Randomness (batch order, dropout) derives from (seed, round, client): resuming needs no RNG pickles.
-    ``penalty`` (from the rule's `local_penalty`, e.g. HetLoRA's tail norm) is added to every step's loss as a
+    ``job.penalty`` (from the rule's `local_penalty`, e.g. HetLoRA's tail norm) is added to every step's loss as a
     function of the planned modules' live factors; the reported loss is the task loss alone.
     """
     t0 = time.perf_counter()
-    bytes_down = load_adapter_state(layers, global_factors)
+    layers, head, plan, start = on.layers, on.head, job.plan, job.start
+    bytes_down = load_adapter_state(layers, job.global_factors)
     for layer in layers.values():
         layer.trainable = False
     bytes_down += load_adapter_state(layers, {m: start[m] for m in plan if m in start}, plan)
@@ -134,30 +202,28 @@ def train_client(
         if m not in start:  # no start given: the global factors truncated to the planned rank
             layers[m].set_active_rank(min(r, layers[m].r))
         layers[m].trainable = True
-    head.load_state_dict(global_head)
+    head.load_state_dict(job.global_head)
     for p in head.parameters():
         p.requires_grad_(True)
     params = [p for m in plan for p in (layers[m].lora_A, layers[m].lora_B)] + list(head.parameters())
-    if optimizer == "adamw":
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    else:
-        opt = torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+    opt = settings.make_optimizer(params)
 
-    torch_seed, order = client_order(seed, round_idx, client_id, indices)
+    torch_seed, order = client_order(settings.seed, job.round_idx, job.client_id, job.indices)
     torch.manual_seed(torch_seed)  # base dropout / LoRA dropout streams
+    model, loss_fn = on.model, settings.loss_fn
     model.train()
     losses = []
     measured = None
-    for step in range(local_steps):
-        batch = data.batch(step_indices(order, step, batch_size))
-        if measure_memory and step == 0:
-            measured = count_training_bytes(model, batch, params, _loss, optimizer)
-        loss = _loss(model, batch)
+    for step in range(settings.local_steps):
+        batch = on.data.batch(step_indices(order, step, settings.batch_size))
+        if job.measure_memory and step == 0:
+            measured = count_training_bytes(model, batch, params, loss_fn, settings.optimizer)
+        loss = loss_fn(model, batch)
         total = loss
-        if penalty is not None:
+        if job.penalty is not None:
             live = {m: (layers[m].lora_A[:layers[m].active_rank], layers[m].lora_B[:, :layers[m].active_rank])
                     for m in plan}
-            total = loss + penalty(live)
+            total = loss + job.penalty(live)
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()
@@ -165,7 +231,7 @@ def train_client(
     model.eval()
     factors = {}
     ranks = {}
-    for m, r in plan.items():
+    for m in plan:
         layer = layers[m]
         r = layer.active_rank
         factors[m] = (layer.lora_A.detach()[:r].clone(), layer.lora_B.detach()[:, :r].clone())
@@ -173,12 +239,12 @@ def train_client(
         layer.trainable = False
     head_state = {k: v.detach().clone() for k, v in head.state_dict().items()}
     return ClientResult(
-        client_id=client_id,
+        client_id=job.client_id,
         factors=factors,
         ranks=ranks,
         scales={m: layers[m].scale for m in plan},
         head=head_state,
-        num_samples=len(indices),
+        num_samples=len(job.indices),
         loss=float(np.mean(losses)) if losses else float("nan"),
         measured_bytes=measured,
         wall_s=time.perf_counter() - t0,
@@ -203,3 +269,18 @@ def inject_fault(kind: str | None, cid: int, res: ClientResult) -> ClientResult:
         A, B = res.factors[m]
         res.factors[m] = (A[:, :-1].clone(), B)
     return res
+
+
+FaultFn = Callable[[int, ClientResult], ClientResult]
+
+
+def fault_injector(faults: dict[str, str], round_idx: int,
+                   hook: Callable[[int, int, ClientResult], ClientResult] | None = None) -> FaultFn:
+    """``inject(client_id, result) -> result`` for one round: the config's ``faults`` (`inject_fault`), then
+    ``hook(client_id, round_idx, result)`` (tests simulating bad clients; raising in it = a crashing client)."""
+
+    def inject(cid: int, res: ClientResult) -> ClientResult:
+        res = inject_fault(faults.get(str(cid)), cid, res)
+        return hook(cid, round_idx, res) if hook is not None else res
+
+    return inject

@@ -3,19 +3,40 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
 import tomllib
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from fedkernels.errors import ConfigError
 
-__all__ = ["FederatedConfig", "STRATEGIES"]
+__all__ = ["FederatedConfig", "PRESETS", "Preset", "STRATEGIES"]
 
-# Presets combining an allocation (solvers.strategies) and an aggregation rule (fedkernels.aggregation).
-STRATEGIES = ("fedpilot", "fedhello", "fedra", "hetlora", "flexlora", "flora", "fedit-min", "fedit-full")
+
+class Preset(NamedTuple):
+    """A ``FederatedConfig.strategy``: an allocation of `solvers.strategies` and a `fedkernels.aggregation` rule."""
+
+    allocation: str
+    rule: str
+
+
+# The one table of strategy presets; the trainer, the Flower client and the CLI all read it.
+PRESETS: dict[str, Preset] = {
+    "fedpilot": Preset("fedpilot", "fedpilot"),
+    "fedhello": Preset("fedhello-rgd:bottleneck", "fedhello"),
+    "fedra": Preset("fedra", "fedra"),
+    "hetlora": Preset("hetlora", "hetlora"),
+    "flexlora": Preset("flexlora", "flexlora"),
+    "flora": Preset("hetlora", "flora"),  # heterogeneous ranks (the HetLoRA allocation), stacked by FLoRA
+    "fedit-min": Preset("uniform-min", "fedit"),
+    "fedit-full": Preset("full", "fedit"),
+}
+STRATEGIES = tuple(PRESETS)
 PARTITIONS = ("iid", "dirichlet", "pathological")
 
 
@@ -91,6 +112,9 @@ class FederatedConfig:
         def bad(name: str, why: str) -> ConfigError:
             return ConfigError(f"FederatedConfig.{name} {why}, got {getattr(self, name)!r}")
 
+        # Types first: a YAML `fraction: "0.5"` would otherwise surface as a TypeError deep in a comparison.
+        for name, hint in _field_hints(type(self)).items():
+            setattr(self, name, _check_type(name, getattr(self, name), hint))
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"FederatedConfig.strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
         self.partition_spec()  # validates
@@ -104,8 +128,17 @@ class FederatedConfig:
             raise bad("min_fit_fraction", "must be in [0, 1]")
         if not 0.0 < self.test_fraction < 1.0:
             raise bad("test_fraction", "must be in (0, 1)")
-        if not self.lr > 0:
-            raise bad("lr", "must be positive")
+        # max_eval / max_examples of 0 leave an empty split, whose mean accuracy divides by zero in round 1.
+        if self.max_eval < 1:
+            raise bad("max_eval", "must be a positive integer")
+        if self.max_examples is not None and self.max_examples < 1:
+            raise bad("max_examples", "must be a positive integer or None")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise bad("lr", "must be a finite positive number")
+        if not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
+            raise bad("lora_alpha", "must be a finite positive number")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise bad("weight_decay", "must be a finite number >= 0")
         if self.optimizer not in ("adamw", "sgd"):
             raise bad("optimizer", "must be 'adamw' or 'sgd'")
         if not 0.0 <= self.lora_dropout < 1.0:
@@ -119,6 +152,10 @@ class FederatedConfig:
         for cid, kind in self.faults.items():
             if kind not in ("raise", "nan", "shape"):
                 raise ConfigError(f"FederatedConfig.faults[{cid!r}] must be raise|nan|shape, got {kind!r}")
+            # clients look their fault up as faults[str(cid)]: any other key would silently never fire
+            if not (cid.isdigit() and int(cid) < self.num_clients):
+                raise ConfigError(f"FederatedConfig.faults key must be a client id in 0..{self.num_clients - 1}, "
+                                  f"got {cid!r}")
 
     # ------------------------------------------------------------------ helpers
     def partition_spec(self) -> tuple[str, float | None]:
@@ -144,7 +181,7 @@ class FederatedConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FederatedConfig:
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
+        unknown = sorted(set(data) - names, key=str)  # YAML keys may be ints: `1: 2` must not crash sorted()
         if unknown:
             raise ConfigError(f"unknown FederatedConfig keys {unknown}; valid keys: {sorted(names)}")
         return cls(**data)
@@ -155,24 +192,40 @@ class FederatedConfig:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
-        text = path.read_text()
+        if path.suffix not in (".yaml", ".yml", ".toml", ".json"):
+            raise ConfigError(f"config file {str(path)!r} must end in .yaml, .yml, .toml or .json")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file {str(path)!r} is not UTF-8 text: {exc.reason} at byte {exc.start}") from exc
         try:
             if path.suffix in (".yaml", ".yml"):
                 import yaml
 
-                data = yaml.safe_load(text) or {}
+                try:
+                    data = yaml.safe_load(text)
+                except yaml.YAMLError as exc:
+                    # yaml's message spans several lines; keep its first line and the 1-based position
+                    mark = getattr(exc, "problem_mark", None)
+                    where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+                    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+                    raise ConfigError(f"cannot parse config file {str(path)!r}{where}: {problem}") from exc
+                data = {} if data is None else data
             elif path.suffix == ".toml":
                 data = tomllib.loads(text)
                 data = data.get("federated", data)
-            elif path.suffix == ".json":
-                data = json.loads(text)
             else:
-                raise ConfigError(f"config file {str(path)!r} must end in .yaml, .yml, .toml or .json")
+                data = json.loads(text)
+        except ConfigError:
+            raise
         except (ValueError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"cannot parse config file {str(path)!r}: {exc}") from exc
         if not isinstance(data, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys, got {type(data).__name__}")
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except ConfigError as exc:
+            raise ConfigError(f"config file {str(path)!r}: {exc}") from exc
 
     def with_overrides(self, overrides: dict[str, str] | list[str]) -> FederatedConfig:
         """Copy with fields replaced from strings (``{"rounds": "3"}`` or ``["rounds=3"]``), parsed by type."""
@@ -192,6 +245,83 @@ class FederatedConfig:
                 raise ConfigError(f"unknown FederatedConfig key {key!r}; valid keys: {sorted(data)}")
             data[key] = _parse_value(key, raw, hints[key])
         return type(self).from_dict(data)
+
+
+@functools.cache
+def _field_hints(cls: type) -> dict[str, Any]:
+    """Field name -> resolved type hint (the annotations are strings under ``from __future__ import annotations``)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _type_name(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("None" if a is type(None) else _type_name(a) for a in args)
+    if origin is list:
+        return f"a list of {_type_name(args[0])}" if args else "a list"
+    if origin is dict:
+        return f"a mapping of {_type_name(args[0])} to {_type_name(args[1])}" if args else "a mapping"
+    if hint is Any:
+        return "any value"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
+        hint, getattr(hint, "__name__", str(hint)))
+
+
+def _check_type(key: str, value: Any, hint: Any) -> Any:
+    """``value`` if it fits ``hint`` (ints widened to float, int mapping keys to str as YAML writes them), else
+    a ConfigError quoting the key, the value and its type."""
+
+    def bad() -> ConfigError:
+        return ConfigError(f"FederatedConfig.{key} must be {_type_name(hint)}, got {value!r} ({type(value).__name__})")
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        for arg in options:
+            try:
+                return _check_type(key, value, arg)
+            except ConfigError:
+                # a container of the one allowed type: its own message names the bad item (budgets[2])
+                if len(options) == 1 and isinstance(value, list | tuple | dict):
+                    raise
+        raise bad()
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad()
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad()
+    if hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise bad()
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise bad()
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise bad()
+        (item,) = args or (Any,)
+        return [_check_type(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad()
+        k_hint, v_hint = args or (Any, Any)
+        out = {}
+        for k, v in value.items():
+            if k_hint is str and isinstance(k, int) and not isinstance(k, bool):
+                k = str(k)  # YAML reads `faults: {3: nan}` with an int key
+            out[_check_type(f"{key} key", k, k_hint)] = _check_type(f"{key}[{k!r}]", v, v_hint)
+        return out
+    return value
 
 
 def _parse_value(key: str, raw: Any, hint: Any) -> Any:

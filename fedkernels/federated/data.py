@@ -94,6 +94,12 @@ def partition_pathological(
 def partition(labels: np.ndarray, num_clients: int, spec: tuple[str, float | None], seed: int) -> list[np.ndarray]:
     """Dispatch on a parsed partition spec (``FederatedConfig.partition_spec()``)."""
     kind, value = spec
+    if num_clients > len(labels):
+        # an iid split would leave clients with no data, and every round then divides by their zero examples
+        raise ConfigError(
+            f"{kind} partition: num_clients={num_clients} is more than the {len(labels)} training examples; "
+            "lower num_clients or raise max_examples"
+        )
     rng = rng_for(seed, 0xDA7A)
     if kind == "iid":
         return partition_iid(labels, num_clients, rng)

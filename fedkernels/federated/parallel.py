@@ -14,52 +14,46 @@ the stacked adapters. Outputs are the same `ClientResult`s as sequential trainin
 rounding when the base model has no dropout; with base dropout > 0 the masks are drawn for the whole
 concatenated batch, so the run is deterministic but not mask-for-mask the sequential one).
 
-Not parallelised (trained one at a time by the trainer's sequential path, with the reason logged):
+Not parallelised (trained one at a time by `SequentialExecutor`, with the reason logged; the dispatch is
+`fedkernels.federated.executor.ParallelExecutor`):
 clients whose plan still needs a memory measurement (``measure_memory``: `solvers.memory.measure`
 measures one client's step, which a shared pass cannot give), models the multi-client layer refuses
 (LoRA dropout, non-prefix rank masks, merged adapters), rules with a client-side loss term (HetLoRA's
-``tail_penalty``), heads that are not applied batch-first to one row block per example, and any group
+``tail_penalty``), heads that are not applied batch-first to one row block per example, losses that need their
+own forward pass (see `fedkernels.federated.client.Replay`), and any group
 in which something raised: its clients are retrained sequentially, so a faulty client is logged and
 excluded exactly as without parallelism.
 """
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.func import functional_call
 
 from fedkernels.errors import ConfigError
-from fedkernels.federated.client import ClientResult, Factors, client_order, step_indices
-from fedkernels.federated.data import TokenizedData
-from fedkernels.nn import LoRALinear
+from fedkernels.federated.client import (
+    ClientJob,
+    ClientResult,
+    Factors,
+    LocalTraining,
+    Replay,
+    SharedModel,
+    client_order,
+    step_indices,
+)
 from fedkernels.nn.inject import _set_submodule
 from fedkernels.nn.multi_lora import MultiClientLoRA, to_multi_client
 
-__all__ = ["ClientJob", "ParallelUnsupportedError", "train_group", "train_clients_parallel"]
-
-log = logging.getLogger("fedkernels.federated")
+__all__ = ["ParallelUnsupportedError", "train_group"]
 
 
 class ParallelUnsupportedError(ConfigError):
     """The model cannot be simulated multi-client (e.g. its head is not applied batch-first)."""
-
-
-@dataclass
-class ClientJob:
-    """One client of a parallel group: its id, plan (module -> rank), start factors and example indices."""
-
-    client_id: int
-    plan: dict[str, int]
-    start: Factors
-    indices: np.ndarray
 
 
 def _nbytes(factors: Factors) -> int:
@@ -91,37 +85,29 @@ class _PerClientHead(nn.Module):
         return torch.cat(outs, 0)
 
 
-def train_group(
-    *,
-    jobs: Sequence[ClientJob],
-    model: nn.Module,
-    layers: dict[str, LoRALinear],
-    head_name: str,
-    global_factors: Factors,
-    global_head: dict[str, torch.Tensor],
-    data: TokenizedData,
-    local_steps: int,
-    batch_size: int,
-    optimizer: str,
-    lr: float,
-    weight_decay: float,
-    seed: int,
-    round_idx: int,
-) -> list[ClientResult]:
-    """Train ``jobs`` together, ``local_steps`` steps of one shared forward/backward each; same outputs as
-    calling `train_client` on each job (up to float rounding, without base dropout).
+def train_group(jobs: Sequence[ClientJob], *, on: SharedModel, settings: LocalTraining) -> list[ClientResult]:
+    """Train ``jobs`` together, ``settings.local_steps`` steps of one shared forward/backward each; same outputs as
+    `train_client` on each job (up to float rounding, without base dropout).
 
     The model is converted with `to_multi_client` for the duration and restored (original `LoRALinear`
     layers and head back in place) even when something raises. ``wall_s`` of each result is the group's
-    wall time divided by the group size.
+    wall time divided by the group size. The jobs' ``penalty`` and ``measure_memory`` must be unset (the caller
+    trains those clients alone).
 
     Raises:
-        ConfigError: the multi-client layer refuses the model (LoRA dropout, rank masks, merged layers).
-        ParallelUnsupportedError: the head is not applied batch-first to the group batch.
+        ConfigError: the multi-client layer refuses the model (LoRA dropout, rank masks, merged layers), or the loss
+            needs a forward pass of its own.
+        ParallelUnsupportedError: the head is not applied batch-first to the group batch, or a job has a penalty
+            or asks for a memory measurement.
     """
     t0 = time.perf_counter()
+    for job in jobs:
+        if job.penalty is not None or job.measure_memory:
+            raise ParallelUnsupportedError(f"client {job.client_id}: a loss term or a memory measurement is one "
+                                           "client's own pass; train it alone")
     k = len(jobs)
-    head = model.get_submodule(head_name)
+    model, layers, head_name, bs = on.model, on.layers, on.head_name, settings.batch_size
+    head = on.head
     head_param_names = [n for n, _ in head.named_parameters()]
     multi: MultiClientLoRA = to_multi_client(model, k)
     wrapper = None
@@ -136,7 +122,7 @@ def train_group(
             # what `train_client` does on the single-client layers: every module gets the global adapter at
             # its full rank, frozen; planned modules then take their start (or keep the global factors) at
             # the planned rank and train
-            for m, (A, B) in global_factors.items():
+            for m, (A, B) in job.global_factors.items():
                 multi.set_client_adapter(c, m, A, B)
                 multi.set_client_rank(c, m, min(A.shape[0], layers[m].r))
                 multi.set_client_trainable(c, m, False)
@@ -146,38 +132,38 @@ def train_group(
             for m, r in job.plan.items():
                 multi.set_client_rank(c, m, min(r, layers[m].r))
                 multi.set_client_trainable(c, m, True)
-            bytes_down.append(_nbytes(global_factors) + _nbytes(starts))
+            bytes_down.append(_nbytes(job.global_factors) + _nbytes(starts))
             leaves = {m: (multi.modules[m].lora_A[c].detach().clone().requires_grad_(True),
                           multi.modules[m].lora_B[c].detach().clone().requires_grad_(True)) for m in job.plan}
-            state = {n: v.detach().clone().requires_grad_(n in head_param_names) for n, v in global_head.items()}
+            state = {n: v.detach().clone().requires_grad_(n in head_param_names) for n, v in job.global_head.items()}
             # same parameter order as `train_client`: planned (A, B) pairs, then the head's parameters
-            params = [p for m in job.plan for p in leaves[m]] + [state[n] for n in head_param_names]
-            if optimizer == "adamw":
-                opts.append(torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay))
-            else:
-                opts.append(torch.optim.SGD(params, lr=lr, weight_decay=weight_decay))
+            opts.append(settings.make_optimizer([p for m in job.plan for p in leaves[m]]
+                                                + [state[n] for n in head_param_names]))
             slot_leaves.append(leaves)
             head_states.append(state)
-            torch_seed, order = client_order(seed, round_idx, job.client_id, job.indices)
+            torch_seed, order = client_order(settings.seed, job.round_idx, job.client_id, job.indices)
             torch_seeds.append(torch_seed)
             orders.append(order)
 
-        bounds = [c * batch_size for c in range(k + 1)]
-        ids = torch.arange(k).repeat_interleave(batch_size)
+        bounds = [c * bs for c in range(k + 1)]
+        ids = torch.arange(k).repeat_interleave(bs)
         wrapper = _PerClientHead(head, bounds, head_states)
         _set_submodule(model, head_name, wrapper)
         torch.manual_seed(torch_seeds[0])  # base dropout stream of the group (deterministic in seed, round, group)
         model.train()
         losses: list[list[float]] = [[] for _ in jobs]
-        for step in range(local_steps):
-            batch = data.batch(np.concatenate([step_indices(o, step, batch_size) for o in orders]))
+        for step in range(settings.local_steps):
+            batch = on.data.batch(np.concatenate([step_indices(o, step, bs) for o in orders]))
             multi.zero_grad()
             for opt in opts:
                 opt.zero_grad(set_to_none=True)
             with multi.clients(ids):
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-            per_client = [F.cross_entropy(logits[lo:hi], batch["labels"][lo:hi])
-                          for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            # the loss is the sum of the clients' own losses, each `settings.loss_fn` on its rows of the pass
+            per_client = []
+            for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+                rows = {key: v[lo:hi] for key, v in batch.items()}
+                per_client.append(settings.loss_fn(Replay(logits[lo:hi], rows), rows))
             torch.stack(per_client).sum().backward()
             for c in range(k):
                 grads = multi.client_grads(c)
@@ -223,79 +209,3 @@ def train_group(
         multi.restore()
         for layer in layers.values():
             layer.trainable = False
-
-
-def train_clients_parallel(trainer, round_idx: int, sampled: list[int], plans: dict, bar
-                           ) -> tuple[list[ClientResult], list[dict], list[dict]]:
-    """`FederatedTrainer._train_clients` with groups of up to ``cfg.parallel_clients`` clients per pass.
-
-    Same return value as the sequential method (results, per-client log entries, failures), in sampled
-    order. Clients still needing a memory measurement, and every client of a group that raised or that the
-    multi-client layer cannot simulate, go through ``trainer._train_clients(..., sequential=True)``.
-    """
-    cfg = trainer.cfg
-    if any(trainer.rule.local_penalty(cid) is not None for cid in sampled):
-        log.info("round %d: parallel_clients=%d ignored: the rule adds a client-side loss term (%s)",
-                 round_idx, cfg.parallel_clients, trainer.rule)
-        return trainer._train_clients(round_idx, sampled, plans, bar, sequential=True)
-    if cfg.lora_dropout > 0:
-        log.info("round %d: parallel_clients=%d ignored: the multi-client layer has no LoRA dropout (lora_dropout=%r)",
-                 round_idx, cfg.parallel_clients, cfg.lora_dropout)
-        return trainer._train_clients(round_idx, sampled, plans, bar, sequential=True)
-    done: dict[int, tuple[ClientResult | None, dict, dict | None]] = {}
-
-    def sequential(cids: list[int]) -> None:
-        res, entries, fails = trainer._train_clients(round_idx, cids, plans, bar, sequential=True)
-        by_res = {r.client_id: r for r in res}
-        by_fail = {f["client"]: f for f in fails}
-        for e in entries:
-            done[e["client"]] = (by_res.get(e["client"]), e, by_fail.get(e["client"]))
-
-    pending = []
-    for cid in sampled:
-        if cfg.measure_memory and not trainer.planner.measured(plans[cid].modules):
-            sequential([cid])  # the measurement is one client's own step (memory measurement is sequential-only)
-        else:
-            pending.append(cid)
-
-    task = bar.add_task(f"round {round_idx} client groups", total=len(pending))
-    groups = [pending[i: i + cfg.parallel_clients] for i in range(0, len(pending), cfg.parallel_clients)]
-    for group in groups:
-        if len(group) == 1:
-            sequential(group)
-            bar.advance(task)
-            continue
-        try:
-            jobs = [ClientJob(cid, plans[cid].modules,
-                              trainer.client_starts.get(cid) or trainer.rule_start(cid, plans[cid].modules),
-                              trainer.client_indices[cid]) for cid in group]
-            results = train_group(
-                jobs=jobs, model=trainer.model, layers=trainer.layers, head_name=trainer.head_name,
-                global_factors=trainer.global_state.factors, global_head=trainer.global_head, data=trainer.data,
-                local_steps=cfg.local_steps, batch_size=cfg.batch_size, optimizer=cfg.optimizer, lr=cfg.lr,
-                weight_decay=cfg.weight_decay, seed=cfg.seed, round_idx=round_idx,
-            )
-        except Exception as exc:  # noqa: BLE001 - retrain the group one by one so the faulty client is isolated
-            log.warning("round %d: parallel group %s fell back to sequential training: %s: %s", round_idx, group,
-                        type(exc).__name__, exc)
-            sequential(group)
-            bar.advance(task, len(group))
-            continue
-        for cid, res in zip(group, results, strict=True):
-            plan = plans[cid]
-            entry = {"client": cid, "budget": trainer.budgets[cid], "planned_bytes": plan.predicted_bytes,
-                     "modules": len(plan.modules), "ranks": sorted(set(plan.modules.values()))}
-            try:
-                res = trainer._inject_fault(cid, round_idx, res)
-                entry.update(status="trained", loss=res.loss, measured_bytes=trainer.planner.measured(plan.modules),
-                             wall_s=res.wall_s)
-                done[cid] = (res, entry, None)
-            except Exception as exc:  # noqa: BLE001 - same isolation as the sequential path
-                log.warning("round %d: client %d failed: %s: %s", round_idx, cid, type(exc).__name__, exc)
-                reason = f"{type(exc).__name__}: {exc}"
-                entry.update(status="failed", reason=reason)
-                done[cid] = (None, entry, {"client": cid, "reason": reason})
-        bar.advance(task, len(group))
-    bar.remove_task(task)
-    results_out = [done[c][0] for c in sampled if done[c][0] is not None]
-    return results_out, [done[c][1] for c in sampled], [done[c][2] for c in sampled if done[c][2] is not None]

@@ -8,6 +8,7 @@ from a checkpoint ends bitwise identical to an uninterrupted one on the same mac
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -17,34 +18,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from fedkernels.errors import CheckpointError, ConfigError, RunFailedError, RunFolderError
+from fedkernels.errors import CheckpointError, ClientUpdateError, ConfigError, RunFailedError, RunFolderError
 from fedkernels.federated import planning
 from fedkernels.federated.checkpoint import RunState, load_latest, save_checkpoint
-from fedkernels.federated.client import ClientResult, inject_fault, train_client
-from fedkernels.federated.config import FederatedConfig
+from fedkernels.federated.client import ClientResult, LocalTraining, Replay, SharedModel, fault_injector
+from fedkernels.federated.config import PRESETS, FederatedConfig
 from fedkernels.federated.data import TokenizedData, load_dataset, partition, rng_for, tokenize
+from fedkernels.federated.executor import ClientExecutor, ParallelExecutor, RoundJob, RoundOutcome, SequentialExecutor
 from fedkernels.federated.model import build_model
 from fedkernels.federated.rundir import RunDirectory
 from fedkernels.io import atomic_write_json
 from fedkernels.nn import LoRAConfig, export_peft
 
-__all__ = ["FederatedTrainer", "RunSummary", "PRESETS", "Prepared", "prepare"]
+__all__ = ["FederatedTrainer", "RunSummary", "Prepared", "prepare", "make_rule", "head_errors"]
 
 log = logging.getLogger("fedkernels.federated")
-
-# strategy preset -> (allocation strategy of solvers.strategies, aggregation rule of fedkernels.aggregation)
-PRESETS: dict[str, tuple[str, str]] = {
-    "fedpilot": ("fedpilot", "fedpilot"),
-    "fedhello": ("fedhello-rgd:bottleneck", "fedhello"),
-    "fedra": ("fedra", "fedra"),
-    "hetlora": ("hetlora", "hetlora"),
-    "flexlora": ("flexlora", "flexlora"),
-    "flora": ("hetlora", "flora"),
-    "fedit-min": ("uniform-min", "fedit"),
-    "fedit-full": ("full", "fedit"),
-}
 
 
 @dataclass
@@ -63,7 +52,7 @@ def make_rule(cfg: FederatedConfig):
     for a client-side loss term, every Flower client's)."""
     from fedkernels import aggregation
 
-    return aggregation.get(PRESETS[cfg.strategy][1], **cfg.aggregation_options)
+    return aggregation.get(PRESETS[cfg.strategy].rule, **cfg.aggregation_options)
 
 
 @dataclass
@@ -79,6 +68,11 @@ class Prepared:
     test_idx: np.ndarray
     train_idx: np.ndarray
     client_indices: list[np.ndarray]
+
+    @property
+    def shared(self) -> SharedModel:
+        """The model and data the clients train on."""
+        return SharedModel(self.model, self.layers, self.head_name, self.data)
 
 
 def prepare(cfg: FederatedConfig, dataset=None) -> Prepared:
@@ -108,13 +102,15 @@ class FederatedTrainer:
     """Run a federated LoRA fine-tuning described by a `FederatedConfig`.
 
     Args:
-        config: the run.
+        config: the run (never mutated: `set_rounds` replaces the trainer's own copy).
         dataset: a `datasets.Dataset` with ``text`` and ``label`` to use instead of ``config.dataset``.
         fault_hook: ``hook(client_id, round, result) -> result`` applied to every client result before
             validation (tests use it to simulate bad clients; raising inside it = a crashing client).
         progress: show rich progress bars.
         overwrite: a fresh run (``run(resume=False)``) may replace the run already in ``output_dir`` (its
             checkpoints, metrics, summary and adapter are deleted first); without it that is a `RunFolderError`.
+        executor: who trains the clients (`fedkernels.federated.executor`); default: `SequentialExecutor`, or
+            `ParallelExecutor` when ``config.parallel_clients > 1``.
     """
 
     def __init__(
@@ -125,6 +121,7 @@ class FederatedTrainer:
         fault_hook: Callable[[int, int, ClientResult], ClientResult] | None = None,
         progress: bool = False,
         overwrite: bool = False,
+        executor: ClientExecutor | None = None,
     ) -> None:
         self.cfg = config
         self.fault_hook = fault_hook
@@ -133,6 +130,8 @@ class FederatedTrainer:
         self.out = Path(config.output_dir)
         self._dataset = dataset
         self._setup()
+        self.settings = LocalTraining.from_config(config)
+        self.executor = executor if executor is not None else self._default_executor()
 
     # ------------------------------------------------------------------ set-up
     def _setup(self) -> None:
@@ -141,19 +140,21 @@ class FederatedTrainer:
         self.tokenizer, self.model, self.layers = prep.tokenizer, prep.model, prep.layers
         self.head_name = prep.head_name
         self.head = prep.head
+        self.shared = prep.shared
         self.data: TokenizedData = prep.data
         self.test_idx = prep.test_idx
         train_idx = prep.train_idx
         self.client_indices = prep.client_indices
         self.module_names = list(self.layers)
-        allocation, rule_name = PRESETS[cfg.strategy]
-        self.allocation = cfg.allocation or allocation
-        self.rule_name = rule_name
+        preset = PRESETS[cfg.strategy]
+        self.allocation = cfg.allocation or preset.allocation
+        self.rule_name = preset.rule
         calib = self.data.batch(np.take(train_idx, range(cfg.batch_size), mode="wrap"))
         self.planner = planning.Planner(self.model, self.layers, cfg, self.allocation, calibration_batch=calib,
                                         head_params=list(self.head.parameters()))
         self.budgets = self.planner.client_budgets()
         self.planner.check_feasible(self.budgets)  # stops the run before round 1, naming the client
+        self.configured_budgets = dict(self.budgets)  # the config's; an executor may report others per round
         from fedkernels import aggregation
 
         self.rule = make_rule(cfg)
@@ -166,11 +167,25 @@ class FederatedTrainer:
         self.history: list[dict] = []
         self.round = 0
 
+    def _default_executor(self) -> ClientExecutor:
+        sequential = SequentialExecutor(self.shared, self.settings)
+        if self.cfg.parallel_clients > 1:
+            return ParallelExecutor(self.shared, self.settings, self.cfg.parallel_clients, fallback=sequential)
+        return sequential
+
+    def set_rounds(self, rounds: int) -> None:
+        """Run to ``rounds`` rounds instead of ``config.rounds`` (the trainer's copy of the config is replaced, the
+        caller's config object is left alone). Raises `ConfigError` for a non-positive count."""
+        if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+            raise ConfigError(f"rounds must be a positive integer, got {rounds!r}")
+        if rounds != self.cfg.rounds:
+            self.cfg = dataclasses.replace(self.cfg, rounds=rounds)
+
     # ------------------------------------------------------------------ state
     def _state_tensors(self) -> tuple[dict[str, torch.Tensor], dict]:
         """This run's state in the checkpoint schema (`fedkernels.federated.checkpoint.RunState`)."""
         base = None
-        if self.rule_name == "flora":  # FLoRA merges into the frozen base: its weights are state too
+        if self.rule.mutates_base:  # FLoRA merges into the frozen base: its weights are state too
             base = {m: layer.base_layer.weight.detach() for m, layer in self.layers.items()}
         return RunState(
             round=self.round, config=self.cfg.to_dict(), factors=dict(self.global_state.factors),
@@ -187,7 +202,7 @@ class FederatedTrainer:
             expected[f"global.{m}.B"] = layer.lora_B.shape
         expected.update({f"head.{k}": v.shape for k, v in self.head.state_dict().items()})
         return RunState.from_tensors(tensors, meta, expected=expected, source=source,
-                                     base_modules=list(self.layers) if self.rule_name == "flora" else None)
+                                     base_modules=list(self.layers) if self.rule.mutates_base else None)
 
     def _load_state(self, tensors: dict[str, torch.Tensor] | RunState, meta: dict | None = None) -> None:
         """Restore a checkpoint: a checked `RunState`, or raw ``(tensors, meta)`` (checked here)."""
@@ -208,23 +223,25 @@ class FederatedTrainer:
         self.round = st.round
 
     # ------------------------------------------------------------------ run
-    def run(self, *, resume: bool = False, stop_after: int | None = None) -> RunSummary:
-        """Run the remaining rounds. ``resume`` continues from the latest checkpoint in ``output_dir``.
+    def run(self, *, resume: bool = False, stop_after: int | None = None, rounds: int | None = None) -> RunSummary:
+        """Run the remaining rounds. ``resume`` continues from the latest checkpoint in ``output_dir``; ``rounds``
+        overrides ``config.rounds`` (`set_rounds`); ``stop_after`` stops after that round without the export.
 
         The loop is three steps that the Flower engine reuses around its own round trip:
-        `begin_run` (restore or start the run folder), `run_round` + `commit_round` per round (metrics line,
-        atomic checkpoint), `end_run` (export, summary).
+        `begin_run` (restore or start the run folder), `plan_round` + executor + `finish_round` (= `_run_round`)
+        and `commit_round` per round (metrics line, atomic checkpoint), `end_run` (export, summary).
         """
-        cfg = self.cfg
+        if rounds is not None:
+            self.set_rounds(rounds)
         self.begin_run(resume=resume)
         bar = _progress(self.progress)
         with bar:
-            task = bar.add_task(f"{cfg.strategy} rounds", total=cfg.rounds, completed=self.round)
-            while self.round < cfg.rounds:
+            task = bar.add_task(f"{self.cfg.strategy} rounds", total=self.cfg.rounds, completed=self.round)
+            while self.round < self.cfg.rounds:
                 record = self._run_round(self.round + 1, bar)
                 self.commit_round(record)
                 bar.update(task, completed=self.round,
-                           description=f"{cfg.strategy} acc={record['accuracy']:.3f}")
+                           description=f"{self.cfg.strategy} acc={record['accuracy']:.3f}")
                 if stop_after is not None and self.round >= stop_after:
                     break
         return self.end_run()
@@ -322,85 +339,83 @@ class FederatedTrainer:
         m = max(1, int(round(self.cfg.fraction * n)))
         return sorted(rng_for(self.cfg.seed, round_idx, 0x5A3).choice(n, size=m, replace=False).tolist())
 
-    def _run_round(self, round_idx: int, bar) -> dict:
-        timings = {"plan": 0.0, "train": 0.0, "aggregate": 0.0, "eval": 0.0}
-        t = time.perf_counter()
+    def plan_round(self, round_idx: int) -> RoundJob:
+        """Everything the clients of round ``round_idx`` need: sampled clients, budgets (the executor's), plans,
+        start factors, the rule's loss terms, which clients measure their memory, fault injection."""
+        cfg = self.cfg
         sampled = self.sample_clients(round_idx)
+        budgets = self.executor.round_budgets(round_idx, self.configured_budgets, self.planner.check_feasible)
+        if budgets != self.budgets:
+            self.budgets = dict(budgets)
+            self.planner._fixed = None  # the cached fixed plans were solved for the old budgets
         plans = self.planner.plans_for_round(round_idx, sampled, self.budgets, self.global_state)
-        timings["plan"] = time.perf_counter() - t
+        measure, seen = set(), set()
+        for cid in sampled:  # the first client of each unmeasured plan measures it (its own step, so sequential)
+            key = tuple(sorted(plans[cid].modules.items()))
+            if cfg.measure_memory and key not in seen and self.planner.measured(plans[cid].modules) is None:
+                measure.add(cid)
+            seen.add(key)
+        return RoundJob(
+            round_idx=round_idx,
+            sampled=sampled,
+            plans={c: plans[c] for c in sampled},
+            budgets={c: self.budgets[c] for c in sampled},
+            starts={c: self.client_starts.get(c) or self.rule.start_for(self.global_state, c, plans[c].modules)
+                    for c in sampled},
+            global_factors=self.global_state.factors,
+            global_head=self.global_head,
+            scales=dict(self.global_state.scales),
+            indices={c: self.client_indices[c] for c in sampled},
+            penalties={c: self.rule.local_penalty(c) for c in sampled},
+            measure=frozenset(measure),
+            inject_fault=fault_injector(cfg.faults, round_idx, self.fault_hook),
+            base_weights=({m: layer.base_layer.weight for m, layer in self.layers.items()}
+                          if self.rule.mutates_base else None),
+        )
 
+    def _run_round(self, round_idx: int, bar) -> dict:
+        """One round in-process: `plan_round`, the executor's `train`, `finish_round`; the metrics record."""
         t = time.perf_counter()
-        results, client_log, failures = self._train_clients(round_idx, sampled, plans, bar)
-        timings["train"] = time.perf_counter() - t
-        return self._finish_round(round_idx, sampled, plans, results, client_log, failures, timings)
-
-    def _train_clients(self, round_idx: int, sampled: list[int], plans: dict, bar, *, sequential: bool = False
-                       ) -> tuple[list[ClientResult], list[dict], list[dict]]:
-        """Local training of the sampled clients: (results, per-client log entries, failures).
-
-        The Flower engine (`fedkernels.flower`) replaces this one method by a round trip to the SuperNodes.
-        ``parallel_clients > 1`` hands the round to `fedkernels.federated.parallel` (``sequential`` forces
-        one client at a time: its fallback).
-        """
-        cfg = self.cfg
-        if cfg.parallel_clients > 1 and not sequential:
-            from fedkernels.federated.parallel import train_clients_parallel
-
-            return train_clients_parallel(self, round_idx, sampled, plans, bar)
-        results: list[ClientResult] = []
-        client_log: list[dict] = []
-        failures: list[dict] = []
-        task = bar.add_task(f"round {round_idx} clients", total=len(sampled))
-        for cid in sampled:
-            plan = plans[cid]
-            entry = {"client": cid, "budget": self.budgets[cid], "planned_bytes": plan.predicted_bytes,
-                     "modules": len(plan.modules), "ranks": sorted(set(plan.modules.values()))}
-            try:
-                start = self.client_starts.get(cid) or self.rule_start(cid, plan.modules)
-                res = train_client(
-                    client_id=cid, model=self.model, layers=self.layers, head=self.head, plan=plan.modules,
-                    start=start, global_factors=self.global_state.factors, global_head=self.global_head,
-                    data=self.data, indices=self.client_indices[cid], local_steps=cfg.local_steps,
-                    batch_size=cfg.batch_size, optimizer=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                    seed=cfg.seed, round_idx=round_idx,
-                    measure_memory=cfg.measure_memory and not self.planner.measured(plan.modules),
-                    penalty=self.rule.local_penalty(cid),
-                )
-                if res.measured_bytes is not None:
-                    self.planner.record_measurement(plan.modules, res.measured_bytes)
-                res = self._inject_fault(cid, round_idx, res)
-                results.append(res)
-                entry.update(status="trained", loss=res.loss, measured_bytes=self.planner.measured(plan.modules),
-                             wall_s=res.wall_s)
-            except Exception as exc:  # noqa: BLE001 - a crashing client is logged and excluded, the round goes on
-                log.warning("round %d: client %d failed: %s: %s", round_idx, cid, type(exc).__name__, exc)
-                failures.append({"client": cid, "reason": f"{type(exc).__name__}: {exc}"})
-                entry.update(status="failed", reason=f"{type(exc).__name__}: {exc}")
-            client_log.append(entry)
-            bar.advance(task)
+        job = self.plan_round(round_idx)
+        timings = {"plan": time.perf_counter() - t}
+        t = time.perf_counter()
+        task = bar.add_task(f"round {round_idx} clients", total=len(job.sampled))
+        outcome = self.executor.train(job, lambda n: bar.advance(task, n))
         bar.remove_task(task)
-        return results, client_log, failures
+        timings["train"] = time.perf_counter() - t
+        return self.finish_round(job, outcome, timings)
 
-    def _finish_round(self, round_idx: int, sampled: list[int], plans: dict, results: list[ClientResult],
-                      client_log: list[dict], failures: list[dict], timings: dict) -> dict:
-        """Aggregate the results (the rule validates them), keep the global adapter if too few succeeded,
-        evaluate, and return the round's metrics record."""
+    def finish_round(self, job: RoundJob, outcome: RoundOutcome, timings: dict | None = None) -> dict:
+        """Validate the results (heads here, factors in the rule), aggregate, keep the global adapter if too few
+        succeeded, evaluate; the round's metrics record (`commit_round` makes it durable)."""
         cfg = self.cfg
+        timings = {"plan": 0.0, "train": 0.0, **(timings or {})}
+        round_idx, sampled = job.round_idx, job.sampled
+        client_log, failures = outcome.client_log, list(outcome.failures)
+        for cid, nbytes in outcome.measurements.items():
+            self.planner.record_measurement(job.plans[cid].modules, nbytes)
+        for entry in client_log:
+            if entry.get("status") == "trained":
+                entry["measured_bytes"] = self.planner.measured(job.plans[entry["client"]].modules)
         t = time.perf_counter()
         from fedkernels.aggregation import ClientUpdate
 
+        head_rejected = [e for r in outcome.results for e in head_errors(r, self.global_head, self.head_name)]
+        bad_head = {e.client for e in head_rejected}
+        candidates = [r for r in outcome.results if r.client_id not in bad_head]
         updates = [ClientUpdate(client_id=r.client_id, factors=r.factors, ranks=r.ranks, scales=r.scales,
-                                num_samples=r.num_samples) for r in results]
-        result = self.rule.aggregate(self.global_state, updates, {c: plans[c].modules for c in sampled})
-        rejected = {e.client for e in result.rejected}
-        for e in result.rejected:
+                                num_samples=r.num_samples) for r in candidates]
+        result = self.rule.aggregate(self.global_state, updates, {c: job.plans[c].modules for c in sampled})
+        rejections = head_rejected + list(result.rejected)
+        rejected = {e.client for e in rejections}
+        for e in rejections:
             log.warning("round %d: update of client %s rejected (%s, module %s): %s", round_idx, e.client, e.reason,
                         e.module, e)
             failures.append({"client": e.client, "reason": str(e), "module": e.module})
             for entry in client_log:
                 if entry["client"] == e.client:
                     entry.update(status="rejected", reason=str(e))
-        good = [r for r in results if r.client_id not in rejected]
+        good = [r for r in candidates if r.client_id not in rejected]
         needed = math.ceil(cfg.min_fit_fraction * len(sampled))
         skipped = len(good) < max(1, needed)
         if skipped:
@@ -410,16 +425,15 @@ class FederatedTrainer:
             self.global_state = result.global_state
             self._apply_base_deltas(result)
             self.global_head = _weighted_head(good)
-            for cid in sampled:
-                if cid in rejected or all(r.client_id != cid for r in good):
-                    continue
-                self.client_starts.pop(cid, None)
-            self.client_starts.update(self._next_starts(result, good, plans))
+            for r in good:
+                self.client_starts.pop(r.client_id, None)
+            self.client_starts.update({int(c): s for c, s in result.client_starts.items()})
         timings["aggregate"] = time.perf_counter() - t
 
         t = time.perf_counter()
         acc, loss = self.evaluate()
         timings["eval"] = time.perf_counter() - t
+        results = outcome.results
         return {
             "round": round_idx,
             "strategy": cfg.strategy,
@@ -438,32 +452,18 @@ class FederatedTrainer:
         }
 
     # ------------------------------------------------------------------ pieces
-    def rule_start(self, cid: int, plan: dict[str, int]) -> dict:
-        return self.rule.start_for(self.global_state, cid, plan)
-
-    def _next_starts(self, result, good: list[ClientResult], plans) -> dict:
-        starts = getattr(result, "client_starts", None) or {}
-        return {int(c): s for c, s in starts.items()}
-
     def _apply_base_deltas(self, result) -> None:
-        deltas = getattr(result, "base_deltas", None) or {}
-        if not deltas:
+        if not result.base_deltas:
             return
         from fedkernels.nn import base_weight_view
         from fedkernels.ops import merge_stacked
 
         with torch.no_grad():
-            for m, (A_stack, B_stack, scale) in deltas.items():
+            for m, (A_stack, B_stack, scale) in result.base_deltas.items():
                 w = base_weight_view(self.layers[m].base_layer)
                 merged = w.detach().clone()
                 merge_stacked(merged.unsqueeze(0), A_stack.unsqueeze(0), B_stack.unsqueeze(0), scale)
                 w.copy_(merged)
-
-    def _inject_fault(self, cid: int, round_idx: int, res: ClientResult) -> ClientResult:
-        res = inject_fault(self.cfg.faults.get(str(cid)), cid, res)
-        if self.fault_hook is not None:
-            res = self.fault_hook(cid, round_idx, res)
-        return res
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, float]:
@@ -477,29 +477,63 @@ class FederatedTrainer:
         for lo in range(0, len(self.test_idx), 64):
             batch = self.data.batch(self.test_idx[lo: lo + 64])
             logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-            total_loss += float(F.cross_entropy(logits, batch["labels"], reduction="sum"))
+            # the training loss on the pass already done (mean over the batch, so times its size for the sum)
+            total_loss += float(self.settings.loss_fn(Replay(logits, batch), batch)) * len(batch["labels"])
             correct += int((logits.argmax(-1) == batch["labels"]).sum())
         n = len(self.test_idx)
         return correct / n, total_loss / n
 
     def _export(self, target: Path | None = None) -> Path | None:
-        """The global adapter as a peft folder: ``target`` (default ``output_dir/adapter``)."""
+        """The peft adapter in ``target`` (default ``output_dir/adapter``); under a rule that `mutates_base` (FLoRA)
+        also the merged base weights in ``merged_base_weights.safetensors`` beside ``adapter/`` (inside
+        ``target`` when one is given), written first: without them the adapter does not reproduce the model, and
+        with B = 0 after FLoRA's restart there may be no adapter to export at all."""
         from fedkernels.federated.client import load_adapter_state
 
         load_adapter_state(self.layers, self.global_state.factors)
         self.head.load_state_dict(self.global_head)
         target = Path(target) if target is not None else self.out / "adapter"
+        if self.rule.mutates_base:
+            from fedkernels.io import atomic_save_safetensors
+
+            base_dir = self.out if target == self.out / "adapter" else target
+            atomic_save_safetensors({m: l.base_layer.weight for m, l in self.layers.items()},
+                                    base_dir / "merged_base_weights.safetensors")
         try:
             export_peft(self.model, target, base_model_name_or_path=self.cfg.model)
         except Exception as exc:  # noqa: BLE001 - e.g. FLoRA: everything merged, nothing left to export
             log.info("no peft adapter exported: %s", exc)
             return None
-        if self.rule_name == "flora":
-            from fedkernels.io import atomic_save_safetensors
-
-            atomic_save_safetensors({m: l.base_layer.weight for m, l in self.layers.items()},
-                                    self.out / "merged_base_weights.safetensors")
         return target
+
+
+def head_errors(res: ClientResult, global_head: dict[str, torch.Tensor], head_name: str = "head"
+                ) -> list[ClientUpdateError]:
+    """Problems of a client's classification head (every ``modules_to_save`` tensor) against the global head:
+    the same keys, each tensor of the global shape and kind (floating point or not) and finite, as the aggregation
+    rule checks the factors. Empty list: the head is usable."""
+    from fedkernels.aggregation.base import _non_finite
+
+    cid = res.client_id
+    errs = []
+    keys, want = set(res.head), set(global_head)
+    if keys != want:
+        errs.append(ClientUpdateError(f"client {cid}: head {head_name!r} has keys {sorted(keys - want)} not in the "
+                                      f"global head and lacks {sorted(want - keys)}", client=cid, module=head_name,
+                                      reason="unknown_key"))
+    for k in sorted(keys & want):
+        t, g, name = res.head[k], global_head[k], f"{head_name}.{k}"
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(g.shape):
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            errs.append(ClientUpdateError(f"client {cid}: head tensor {name!r} has shape {got}, expected "
+                                          f"{tuple(g.shape)}", client=cid, module=name, reason="shape"))
+        elif t.is_floating_point() != g.is_floating_point():
+            errs.append(ClientUpdateError(f"client {cid}: head tensor {name!r} has dtype {t.dtype}, the global "
+                                          f"head's is {g.dtype}", client=cid, module=name, reason="dtype"))
+        elif bad := _non_finite(t):
+            errs.append(ClientUpdateError(f"client {cid}: head tensor {name!r} has {bad} non-finite (NaN/Inf) "
+                                          "entries", client=cid, module=name, reason="non_finite"))
+    return errs
 
 
 def _weighted_head(results: list[ClientResult]) -> dict[str, torch.Tensor]:

@@ -14,7 +14,7 @@ import logging
 import torch
 
 from fedkernels.errors import ConfigError
-from fedkernels.federated.client import inject_fault, train_client
+from fedkernels.federated.client import ClientJob, LocalTraining, inject_fault, train_client
 from fedkernels.federated.config import FederatedConfig
 from fedkernels.federated.trainer import Prepared, make_rule, prepare
 from fedkernels.flower import wire
@@ -62,25 +62,21 @@ def node_info(context: Context) -> dict:
 
 def train_handler(msg: Message, context: Context) -> Message:
     """Train the client this node holds under the plan in ``msg`` and reply with its factors and head."""
-    job = wire.decode_train_message(msg.content)
-    cid = job["client_id"]
+    msg_job = wire.decode_train_message(msg.content)
+    cid = msg_job["client_id"]
     mine = node_info(context)["partition-id"]
     if cid != mine:
         raise ConfigError(f"node holds partition-id {mine} but was sent client {cid}")
-    cfg = FederatedConfig.from_dict(job["federated_config"])
+    cfg = FederatedConfig.from_dict(msg_job["federated_config"])
     prep = _prepared(cfg)
-    plan = job["plan"]
-    if job["base"]:  # FLoRA: the server merged last round's stacked adapters into these base weights
+    if msg_job["base"]:  # FLoRA (a rule with `mutates_base`): the server merged last round's adapters into the base
         with torch.no_grad():
-            for m, w in job["base"].items():
+            for m, w in msg_job["base"].items():
                 prep.layers[m].base_layer.weight.copy_(w)
-    res = train_client(
-        client_id=cid, model=prep.model, layers=prep.layers, head=prep.head, plan=plan, start=job["start"],
-        global_factors=job["global"], global_head=job["head"], data=prep.data, indices=prep.client_indices[cid],
-        local_steps=cfg.local_steps, batch_size=cfg.batch_size, optimizer=cfg.optimizer, lr=cfg.lr,
-        weight_decay=cfg.weight_decay, seed=cfg.seed, round_idx=job["round"], measure_memory=job["measure_memory"],
-        penalty=make_rule(cfg).local_penalty(cid),
-    )
+    job = ClientJob(client_id=cid, round_idx=msg_job["round"], plan=msg_job["plan"], start=msg_job["start"],
+                    global_factors=msg_job["global"], global_head=msg_job["head"], indices=prep.client_indices[cid],
+                    penalty=make_rule(cfg).local_penalty(cid), measure_memory=msg_job["measure_memory"])
+    res = train_client(job, on=prep.shared, settings=LocalTraining.from_config(cfg))
     res = inject_fault(cfg.faults.get(str(cid)), cid, res)  # the same demo/test faults as in-process
     return Message(wire.encode_reply(res), reply_to=msg)
 

@@ -9,7 +9,8 @@ Server -> node (``train`` message), a `RecordDict` with
 
 Node -> server (reply): ``"arrays"`` with ``update/<module>/A|B`` (planned modules only) and ``head/<key>``,
 ``"metrics"`` (MetricRecord: ``num-examples``, ``loss``, ``wall-s``, optional ``measured-bytes``) and ``"config"``
-(``client-id``, ``scales`` as JSON).
+(``client-id``, ``scales`` as JSON). The server checks ``num-examples`` and ``scales`` against what it knows (the
+partition it assigned, the plan) and uses its own values: a node cannot weigh its update or rescale it.
 
 Arrays travel as float32: Flower's `Array` converts through ``tensor.numpy()``, which fails on bfloat16
 (shared/docs/ecosystem.md sec. 0.4), and the aggregation rules run in float32 anyway.
@@ -36,6 +37,7 @@ __all__ = [
     "tensors_to_record",
     "record_to_tensors",
     "record_nbytes",
+    "reply_nbytes",
 ]
 
 # fp16 accepted (half the upload), upcast to fp32 before aggregation; anything else (ints, bf16 smuggled as
@@ -137,43 +139,99 @@ def encode_reply(res: ClientResult):
     return RecordDict({"arrays": tensors_to_record(tensors), "metrics": MetricRecord(metrics), "config": config})
 
 
+def reply_nbytes(message) -> int:
+    """Array bytes a reply carried (0 for an error reply or one without an ArrayRecord ``arrays``)."""
+    from flwr.app import ArrayRecord
+
+    if message.has_error() or "arrays" not in message.content:
+        return 0
+    arrays = message.content["arrays"]
+    return record_nbytes(arrays) if isinstance(arrays, ArrayRecord) else 0
+
+
+# A training-memory measurement above 1 EiB (2**60 bytes) is no measurement of any machine: refused.
+MAX_MEASURED_BYTES = 2**60
+
+
 def _bad(msg: str, cid: object, module: str | None, reason: str) -> ClientUpdateError:
     return ClientUpdateError(msg, client=cid, module=module, reason=reason)
 
 
+def _number(value: object) -> float | None:
+    """``value`` as a float if it is a real number (NaN/Inf included), else None: bools, strings and ints too large
+    for a float (``10**400`` overflows) are not numbers here."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    try:
+        return float(value)
+    except (OverflowError, ValueError):
+        return None
+
+
+def _finite(value: object) -> float | None:
+    """``value`` as a finite float, else None."""
+    x = _number(value)
+    return x if x is not None and math.isfinite(x) else None
+
+
 def parse_reply(message, *, client_id: int, plan: dict[str, int], global_factors: Factors,
-                global_head: dict[str, torch.Tensor]) -> ClientResult:
+                global_head: dict[str, torch.Tensor], num_samples: int, scales: dict[str, float]) -> ClientResult:
     """Validate a reply from the node that trained ``client_id`` and turn it into a `ClientResult`.
 
-    Checks, before any arithmetic (shared/docs/ecosystem.md sec. 5): not an error reply; the records are there;
-    the reply names the client it was sent for; keys within the plan and every planned module present; the head's
-    keys exactly the global head's; shapes ``A [plan rank, in]``, ``B [out, plan rank]``, head as the global head;
-    dtype in `ALLOWED_DTYPES`; finite values; a positive integer sample count. Raises `ClientUpdateError` (with
-    ``client``, ``module``, ``reason``) on the first problem found. The aggregation rule validates once more.
+    The server never takes the weight of an update or its LoRA scale from the node: the result's ``num_samples``
+    is ``num_samples`` (the size of the partition the server assigned) and its scales are ``scales`` (module ->
+    the plan's scale). The node's own ``num-examples`` and ``scales`` must agree with them exactly, so a node that
+    disagrees (misconfigured, or claiming ``10**12`` examples to take over the average) is rejected.
+
+    Checks, before any arithmetic (shared/docs/ecosystem.md sec. 5): not an error reply; the three records are
+    there with their types; the reply names the client it was sent for; ``num-examples`` and ``scales`` as above;
+    ``loss`` a number, ``wall-s`` finite and >= 0, ``measured-bytes`` (if sent) an integer in 1 .. 2**60; keys
+    within the plan and every planned module present; the head's keys exactly the global head's; shapes
+    ``A [plan rank, in]``, ``B [out, plan rank]``, head as the global head; dtype in `ALLOWED_DTYPES`; finite values.
+    Raises `ClientUpdateError` (with ``client``, ``module``, ``reason``) on the first problem found; any value
+    of any type only ever raises that. The aggregation rule validates the factors once more.
     """
+    from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+
     cid = client_id
     if message.has_error():
         err = message.error
         raise _bad(f"client {cid}: error reply from its node (code {err.code}): {err.reason}", cid, None, "error_reply")
     content = message.content
-    for name in ("arrays", "metrics", "config"):
-        if name not in content:
-            raise _bad(f"client {cid}: reply has no {name!r} record", cid, None, "malformed")
+    for name, kind in (("arrays", ArrayRecord), ("metrics", MetricRecord), ("config", ConfigRecord)):
+        if name not in content or not isinstance(content[name], kind):
+            raise _bad(f"client {cid}: reply has no {kind.__name__} {name!r}", cid, None, "malformed")
     cfg, metrics = content["config"], content["metrics"]
     sent_cid = cfg.get("client-id")
     if sent_cid != cid:
         raise _bad(f"client {cid}: reply claims client id {sent_cid!r}", cid, None, "client_id")
     n = metrics.get("num-examples")
-    if isinstance(n, bool) or not isinstance(n, numbers.Real) or not math.isfinite(float(n)) or n <= 0 \
-            or not float(n).is_integer():
-        raise _bad(f"client {cid}: num-examples must be a positive integer, got {n!r}", cid, None, "num_samples")
+    if _finite(n) != float(num_samples):
+        raise _bad(f"client {cid}: num-examples {n!r} is not the {num_samples} examples of its partition", cid,
+                   None, "num_samples")
     try:
-        scales = {str(k): v for k, v in json.loads(str(cfg.get("scales", "{}"))).items()}
-    except (ValueError, AttributeError):
-        raise _bad(f"client {cid}: scales are not a JSON object: {cfg.get('scales')!r}", cid, None,
+        sent_scales = {str(k): v for k, v in json.loads(str(cfg.get("scales", "{}"))).items()}
+    except (ValueError, AttributeError, TypeError, RecursionError):
+        raise _bad(f"client {cid}: scales are not a JSON object: {str(cfg.get('scales'))[:80]!r}", cid, None,
                    "malformed") from None
+    loss = metrics.get("loss", float("nan"))
+    if _number(loss) is None:
+        raise _bad(f"client {cid}: loss must be a number, got {loss!r}", cid, None, "malformed")
+    wall = metrics.get("wall-s", 0.0)
+    if _finite(wall) is None or _finite(wall) < 0:
+        raise _bad(f"client {cid}: wall-s must be a finite number >= 0, got {wall!r}", cid, None, "malformed")
+    measured = metrics.get("measured-bytes")
+    if measured is not None:
+        mb = _finite(measured)
+        if mb is None or not mb.is_integer() or not 0 < mb <= MAX_MEASURED_BYTES:
+            raise _bad(f"client {cid}: measured-bytes must be an integer in 1 .. {MAX_MEASURED_BYTES}, got "
+                       f"{measured!r}", cid, None, "measured_bytes")
 
-    arrays = record_to_tensors(content["arrays"])
+    try:
+        arrays = record_to_tensors(content["arrays"])
+    except Exception as exc:  # noqa: BLE001 - a forged Array (bad dtype string, shape, bytes) is one bad reply
+        raise _bad(f"client {cid}: arrays cannot be read: {type(exc).__name__}: {exc}", cid, None,
+                   "malformed") from None
     parts: dict[str, dict[str, np.ndarray]] = {}
     head: dict[str, np.ndarray] = {}
     for key in sorted(arrays):
@@ -218,21 +276,20 @@ def parse_reply(message, *, client_id: int, plan: dict[str, int], global_factors
         gA, gB = global_factors[m]
         A = check(f"module {m!r} A", m, parts[m]["A"], (r, gA.shape[1]))
         B = check(f"module {m!r} B", m, parts[m]["B"], (gB.shape[0], r))
-        s = scales.get(m)
-        if isinstance(s, bool) or not isinstance(s, numbers.Real) or not math.isfinite(float(s)) or s <= 0:
-            raise _bad(f"client {cid}, module {m!r}: LoRA scale must be a positive finite number, got {s!r}", cid, m,
+        s = sent_scales.get(m)
+        if _finite(s) != float(scales[m]):
+            raise _bad(f"client {cid}, module {m!r}: LoRA scale {s!r} is not the plan's {scales[m]!r}", cid, m,
                        "scale")
         factors[m] = (A.to(gA.dtype), B.to(gB.dtype))
     head_t = {k: check(f"head {k!r}", None, head[k], tuple(v.shape)).to(v.dtype) for k, v in global_head.items()}
-    measured = metrics.get("measured-bytes")
     return ClientResult(
         client_id=cid,
         factors=factors,
         ranks={m: plan[m] for m in plan},
         scales={m: float(scales[m]) for m in plan},
         head=head_t,
-        num_samples=int(n),
-        loss=float(metrics.get("loss", float("nan"))),
+        num_samples=int(num_samples),
+        loss=float(loss),
         measured_bytes=int(measured) if measured is not None else None,
-        wall_s=float(metrics.get("wall-s", 0.0)),
+        wall_s=float(wall),
     )

@@ -6,7 +6,6 @@ import torch
 
 from fedkernels.errors import ConfigError
 from fedkernels.federated import FederatedConfig, FederatedTrainer
-from fedkernels.federated.trainer import _progress
 from tests.federated.test_trainer import BASE, comparable, global_factors
 
 
@@ -29,11 +28,9 @@ def make(tmp_path, name, *, no_dropout=False, **kw):
 
 
 def train_round(trainer, round_idx=1):
-    sampled = trainer.sample_clients(round_idx)
-    plans = trainer.planner.plans_for_round(round_idx, sampled, trainer.budgets, trainer.global_state)
-    with _progress(False) as bar:
-        results, log, failures = trainer._train_clients(round_idx, sampled, plans, bar)
-    return sampled, plans, results, log, failures
+    job = trainer.plan_round(round_idx)
+    out = trainer.executor.train(job)
+    return job.sampled, job.plans, out.results, out.client_log, out.failures
 
 
 def rel_err(a, b):
@@ -108,3 +105,26 @@ def test_lora_dropout_falls_back_to_sequential(tmp_path):
 def test_parallel_clients_must_be_positive():
     with pytest.raises(ConfigError, match="parallel_clients.*0"):
         FederatedConfig(**{**BASE, "parallel_clients": 0})
+
+
+def test_parallel_fallback_goes_through_its_sequential_executor(tmp_path):
+    """The seam: a group that raises is retrained by the ParallelExecutor's own SequentialExecutor (no call back
+    into the trainer), and only that group."""
+    from fedkernels.federated.executor import ParallelExecutor, SequentialExecutor
+
+    trainer = make(tmp_path, "spy", fraction=1.0, rounds=1, measure_memory=False)
+    trainer.client_indices[4] = np.array([], dtype=np.int64)  # client 4 crashes inside training
+    calls = []
+
+    class Spy(SequentialExecutor):
+        def train(self, job, progress=None):
+            calls.append(list(job.sampled))
+            return super().train(job, progress)
+
+    executor = ParallelExecutor(trainer.shared, trainer.settings, 3, fallback=Spy(trainer.shared, trainer.settings))
+    out = executor.train(trainer.plan_round(1))
+    assert calls == [[3, 4, 5]]
+    assert [f["client"] for f in out.failures] == [4] and "ZeroDivisionError" in out.failures[0]["reason"]
+    assert [r.client_id for r in out.results] == [0, 1, 2, 3, 5]
+    assert all(r.extra["parallel_group"] == [0, 1, 2] for r in out.results[:3])
+    assert [e["client"] for e in out.client_log] == list(range(6))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import logging
 
 import numpy as np
@@ -33,7 +34,7 @@ def cfg(tmp_path, name="run", **kw):
 def grid_for(strategy, budgets_as="str"):
     """One node per client partition; node ids are scattered (Flower's are random 64-bit ints)."""
     nodes = {}
-    for cid, b in strategy.config_budgets.items():
+    for cid, b in strategy.trainer.configured_budgets.items():
         nodes[1000 + 37 * cid] = {"partition-id": cid, "memory-budget": f"{b}B" if budgets_as == "str" else b}
     return InProcessGrid(make_client_app(), nodes)
 
@@ -50,16 +51,23 @@ def assert_close_factors(a, b, atol=1e-6):
 
 
 def snapshot(strategy, rnd):
+    """What aggregate_train of round ``rnd`` consumes or changes, to run it twice on the same state."""
     tr = strategy.trainer
-    return (tr.global_state, dict(tr.global_head), dict(tr.client_starts), list(tr.history),
-            copy.deepcopy(strategy._pending[rnd]), tr.round)
+    return (tr.global_state, dict(tr.global_head), dict(tr.client_starts), strategy._rounds[rnd],
+            copy.deepcopy(strategy.executor._pending[rnd]))
 
 
 def restore(strategy, rnd, snap):
     tr = strategy.trainer
-    tr.global_state, tr.global_head, starts, history, pending, tr.round = snap
-    tr.client_starts, tr.history = dict(starts), list(history)
-    strategy._pending[rnd] = copy.deepcopy(pending)
+    tr.global_state, tr.global_head, starts, strategy._rounds[rnd], pending = snap
+    tr.client_starts = dict(starts)
+    strategy.executor._pending[rnd] = copy.deepcopy(pending)
+
+
+def first_round(strategy, grid):
+    """configure_train + the nodes' replies of round 1, by client id."""
+    msgs = list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid))
+    return {r.content["config"]["client-id"]: r for r in grid.send_and_receive(msgs)}
 
 
 def replace_arrays(reply: Message, change) -> Message:
@@ -140,10 +148,10 @@ def test_wrong_shape_reply_gives_the_same_result_in_either_order(tmp_path):
     good = replies[1:]
     snap = snapshot(strategy, 1)
     arrays1, metrics1 = strategy.aggregate_train(1, [bad, *good])
-    rec1 = strategy.trainer.history[-1]
+    rec1 = strategy.records[1]
     restore(strategy, 1, snap)
     arrays2, metrics2 = strategy.aggregate_train(1, [*reversed(good), bad])
-    rec2 = strategy.trainer.history[-1]
+    rec2 = strategy.records[1]
     for rec in (rec1, rec2):
         assert bad_cid not in rec["succeeded"] and len(rec["succeeded"]) == len(good)
         assert [f["client"] for f in rec["failures"]] == [bad_cid] and "shape" in rec["failures"][0]["reason"]
@@ -156,10 +164,8 @@ def test_wrong_shape_reply_gives_the_same_result_in_either_order(tmp_path):
 def test_reply_validation_rejects_keys_dtype_counts_and_impostors(tmp_path):
     strategy = HeteroLoRAStrategy(cfg(tmp_path, fraction=1.0, rounds=1, min_fit_fraction=0.3), round_timeout=30)
     grid = grid_for(strategy)
-    msgs = list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid))
-    replies = grid.send_and_receive(msgs)
-    plans = strategy._pending[1].plans
-    by_cid = {r.content["config"]["client-id"]: r for r in replies}
+    by_cid = first_round(strategy, grid)
+    plans = strategy._rounds[1].job.plans
     small = min(plans, key=lambda c: len(plans[c].modules))  # a client that leaves some module out
     unplanned = next(m for m in strategy.trainer.module_names if m not in plans[small].modules)
     shape_of = {m: (A.shape, B.shape) for m, (A, B) in strategy.trainer.global_state.factors.items()}
@@ -181,7 +187,7 @@ def test_reply_validation_rejects_keys_dtype_counts_and_impostors(tmp_path):
     tampered[others[2]] = r
     kept = [by_cid[c] for c in others[3:]]
     strategy.aggregate_train(1, [*tampered.values(), *kept])
-    rec = strategy.trainer.history[-1]
+    rec = strategy.records[1]
     reasons = {f["client"]: f["reason"] for f in rec["failures"]}
     assert "not in its plan" in reasons[small]
     assert "float64" in reasons[others[0]]
@@ -209,9 +215,8 @@ def test_silent_node_counts_as_failed_and_resume_continues(tmp_path):
     c = cfg(tmp_path, rounds=2)
     strategy = HeteroLoRAStrategy(c, round_timeout=30)
     grid = grid_for(strategy)
-    strategy.trainer.grid = grid
-    strategy.trainer.run(stop_after=1)
-    assert strategy.trainer.round == 1
+    strategy.start(grid, num_rounds=1)
+    assert strategy.trainer.round == 1 and c.rounds == 2  # num_rounds left the config object alone
     # a fresh server resumes from the round-1 checkpoint; a node that stops answering mid-round is excluded
     resumed = HeteroLoRAStrategy(c, round_timeout=30)
     grid2 = grid_for(resumed)
@@ -248,8 +253,145 @@ def test_run_config_builds_the_federated_config(tmp_path):
 
 def test_node_budgets_are_parsed():
     from fedkernels.errors import ConfigError
-    from fedkernels.flower.strategy import parse_budget
+    from fedkernels.flower.executor import parse_budget
 
     assert parse_budget("6GiB", 1) == 6 * 2**30 and parse_budget(12345, 1) == 12345 and parse_budget(None, 1) is None
-    with pytest.raises(ConfigError, match="node 9"):
-        parse_budget(True, 9)
+    for bad in (True, float("nan"), "1e308TiB", 10**400, "lots", -5, 0):
+        with pytest.raises(ConfigError, match="node 9"):
+            parse_budget(bad, 9)
+
+
+# ---------------------------------------------------------------------------------------------- hostile nodes
+def forged_round(tmp_path, forge, name="run"):
+    """Round 1 with every client; ``forge(reply, strategy)`` tampers the reply of the first sampled client.
+    Returns (strategy, victim client id, round record, honest-only global B of the victim's modules)."""
+    strategy = HeteroLoRAStrategy(cfg(tmp_path, name, fraction=1.0, rounds=1, min_fit_fraction=0.3), round_timeout=30)
+    by_cid = first_round(strategy, grid_for(strategy))
+    victim = min(by_cid)
+    forge(by_cid[victim], strategy)
+    arrays, metrics = strategy.aggregate_train(1, list(by_cid.values()))
+    return strategy, victim, strategy.records[1], arrays
+
+
+def assert_only_victim_rejected(strategy, victim, rec, arrays, reason_part):
+    reasons = {f["client"]: f["reason"] for f in rec["failures"]}
+    assert set(reasons) == {victim} and reason_part in reasons[victim], reasons
+    assert {c["client"]: c["status"] for c in rec["clients"]}[victim] == "rejected"
+    assert not rec["skipped"] and victim not in rec["succeeded"] and len(rec["succeeded"]) == 5
+    assert all(np.isfinite(arrays[k].numpy()).all() for k in arrays)
+
+
+@pytest.mark.parametrize("claim", [10**12, 2**63 - 1, 1e300, float("nan"), 0.5])
+def test_a_node_cannot_weigh_its_update_by_the_examples_it_claims(tmp_path, claim):
+    """Issue 12.1: the weight is the size of the partition the server assigned; a different claim is rejected."""
+
+    def forge(reply, strategy):
+        reply.content["metrics"]["num-examples"] = claim
+
+    assert_only_victim_rejected(*forged_round(tmp_path, forge), "num-examples")
+
+
+@pytest.mark.parametrize("value", ["1e80", "1" + "0" * 400, "-2.0", "true", '"2.0"'])
+def test_a_node_cannot_rescale_its_update(tmp_path, value):
+    """Issue 12.2/12.3: a client-reported LoRA scale is never used; one that is not the plan's rejects the reply
+    (1e80 made the global B Inf; 10**400 raised OverflowError out of aggregate_train)."""
+
+    def forge(reply, strategy):
+        scales = json.loads(reply.content["config"]["scales"])
+        m = sorted(scales)[0]
+        text = json.dumps({k: ("@" if k == m else v) for k, v in scales.items()})
+        reply.content["config"]["scales"] = text.replace('"@"', value)
+
+    assert_only_victim_rejected(*forged_round(tmp_path, forge), "scale")
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("measured-bytes", float("nan"), "measured-bytes"),  # raised "cannot convert float NaN to integer"
+    ("measured-bytes", 1e300, "measured-bytes"),
+    ("wall-s", float("inf"), "wall-s"),
+])
+def test_a_bad_metric_rejects_that_reply_alone(tmp_path, field, value, match):
+    def forge(reply, strategy):
+        reply.content["metrics"][field] = value
+
+    assert_only_victim_rejected(*forged_round(tmp_path, forge), match)
+
+
+def test_a_reply_with_a_wrong_record_type_rejects_that_reply_alone(tmp_path):
+    def forge(reply, strategy):
+        reply.content["arrays"] = ConfigRecord({"update/x/A": 1})
+
+    assert_only_victim_rejected(*forged_round(tmp_path, forge), "ArrayRecord")
+
+
+def late_node_grid(strategy, pid, budget):
+    """Nodes for every partition but ``pid``, whose node joins after round 1 with ``budget``."""
+    grid = grid_for(strategy)
+    late = next(n for n, c in grid.nodes.items() if c["partition-id"] == pid)
+    grid.nodes[late]["memory-budget"] = budget
+    grid.contexts[late].node_config["memory-budget"] = budget
+    grid.down.add(late)
+    return grid, late
+
+
+@pytest.mark.parametrize("budget", ["1B", "1e308TiB", float("nan"), "a lot"])
+def test_a_late_node_with_a_bad_budget_is_excluded_and_the_run_goes_on(tmp_path, caplog, budget):
+    """Issue 12.4: "1B" aborted the run with InfeasibleBudgetError in round 2; 1e308TiB / NaN raised."""
+    strategy = HeteroLoRAStrategy(cfg(tmp_path, fraction=1.0, rounds=2), round_timeout=30)
+    grid, late = late_node_grid(strategy, 5, budget)
+    real = grid.send_and_receive
+    rounds_done = []
+
+    def join_after_round_1(messages, *, timeout=None):
+        replies = real(messages, timeout=timeout)
+        if any(m.metadata.message_type == "train" for m in messages):
+            rounds_done.append(1)
+            grid.down.discard(late)
+        return replies
+
+    grid.send_and_receive = join_after_round_1
+    with caplog.at_level(logging.WARNING, logger="fedkernels.flower"):
+        summary = strategy.start(grid)
+    assert summary.rounds == 2 and len(rounds_done) == 2
+    assert late in strategy.executor.excluded and late not in strategy.executor.nodes
+    assert any(f"node {late} excluded" in r.message for r in caplog.records)
+    rec = summary.history[-1]
+    assert "no SuperNode" in {f["client"]: f["reason"] for f in rec["failures"]}[5]
+    assert strategy.trainer.budgets[5] == strategy.trainer.configured_budgets[5]
+    assert not rec["skipped"] and rec["succeeded"] == [0, 1, 2, 3, 4]
+
+
+def test_a_partition_claimed_twice_takes_messages_and_budget_from_one_node(tmp_path, caplog):
+    """Issue 12.4: messages went to the lowest node id but the budget came from the other claimant."""
+    strategy = HeteroLoRAStrategy(cfg(tmp_path, fraction=1.0, rounds=1), round_timeout=30)
+    grid = grid_for(strategy)
+    budgets = strategy.trainer.configured_budgets
+    small, large = min(budgets.values()), max(budgets.values())
+    owner = next(n for n, c in grid.nodes.items() if c["partition-id"] == 0)
+    grid.nodes[owner]["memory-budget"] = small
+    grid.contexts[owner].node_config["memory-budget"] = small
+    rival = owner + 10**6  # a higher node id claiming the same partition with another budget
+    grid.nodes[rival] = {"partition-id": 0, "memory-budget": large}
+    grid.contexts[rival] = type(grid.contexts[owner])(7, rival, dict(grid.nodes[rival]), RecordDict(), {})
+    with caplog.at_level(logging.WARNING, logger="fedkernels.flower"):
+        msgs = list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid))
+    assert [m.metadata.dst_node_id for m in msgs if m.content["config"]["client-id"] == 0] == [owner]
+    assert strategy.trainer.budgets[0] == small != large
+    assert strategy._rounds[1].job.budgets[0] == small
+    assert any("claimed by nodes" in r.message and str(owner) in r.message for r in caplog.records)
+
+
+def test_the_trainer_loop_runs_on_the_flower_executor_too(tmp_path):
+    """`FlowerExecutor.train` (the trainer's own loop) and Flower's configure_train/aggregate_train loop are the
+    same rounds: equal global adapters."""
+    from fedkernels.flower.executor import FlowerExecutor
+
+    strategy = HeteroLoRAStrategy(cfg(tmp_path, "flwr"), round_timeout=30)
+    strategy.start(grid_for(strategy))
+    executor = FlowerExecutor(cfg(tmp_path, "loop"), round_timeout=30)
+    trainer = FederatedTrainer(cfg(tmp_path, "loop"), executor=executor)
+    executor.bind(grid_for(strategy))
+    summary = trainer.run()
+    assert summary.rounds == 2 and executor.bytes_log and len(executor.bytes_log) == 2
+    a, b = factors(strategy.trainer.global_state), factors(trainer.global_state)
+    assert a.keys() == b.keys() and all(torch.equal(a[m][0], b[m][0]) and torch.equal(a[m][1], b[m][1]) for m in a)
