@@ -10,7 +10,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from fedkernels.errors import ConfigError
 from fedkernels.federated.data import TokenizedData, rng_for
 from fedkernels.federated.instruct import InstructionData
 from fedkernels.federated.tasks import Task

@@ -4,10 +4,11 @@
 group of up to ``FederatedConfig.parallel_clients`` clients shares every pass: each step concatenates the
 clients' batches (the very batches `train_client` draws, from `client_order` / `step_indices`), the
 encoder runs once with `to_multi_client` layers routing each example to its client's adapter (its
-planned ranks, trainable only on its planned modules; unplanned modules carry the global adapter
-frozen), a trained head (classification) is applied per client with that client's own head copy, and the loss
-is the **sum of the clients' mean losses** (the task's `loss_from_logits` on each client's rows): rows of client c depend on no other client's parameters
-(frozen shared base, per-example attention), so each client's gradient is exactly its own (the argument
+planned ranks, trainable only on its planned modules; unplanned modules carry the global adapter frozen), a
+trained head (classification) is applied per client with that client's own head copy, and the loss is the
+**sum of the clients' mean losses** (the task's `loss_from_logits` on each client's rows): rows of client c
+depend on no other client's parameters (frozen shared base, per-example attention), so each client's gradient
+is exactly its own (the argument
 of `fedkernels.nn.multi_lora`'s module docstring). Each client then steps its own optimizer (AdamW/SGD,
 as in `train_client`) on leaf copies of its planned A/B and head, and the result is copied back into
 the stacked adapters. Outputs are the same `ClientResult`s as sequential training (equal to float

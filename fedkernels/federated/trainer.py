@@ -9,10 +9,8 @@ from a checkpoint ends bitwise identical to an uninterrupted one on the same mac
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,13 +19,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedkernels.errors import ClientUpdateError, ConfigError
+from fedkernels.errors import CheckpointError, ClientUpdateError, ConfigError, RunFailedError, RunFolderError
 from fedkernels.federated import planning
-from fedkernels.federated.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from fedkernels.federated.checkpoint import RunState, load_latest, save_checkpoint
 from fedkernels.federated.client import ClientResult, LocalTraining, SharedModel, fault_injector
 from fedkernels.federated.config import PRESETS, FederatedConfig
 from fedkernels.federated.data import TokenizedData, load_dataset, partition, rng_for
 from fedkernels.federated.executor import ClientExecutor, ParallelExecutor, RoundJob, RoundOutcome, SequentialExecutor
+from fedkernels.federated.rundir import RunDirectory
 from fedkernels.federated.tasks import Task, task_from_config
 from fedkernels.io import atomic_write_json
 from fedkernels.nn import LoRAConfig, export_peft
@@ -124,6 +123,8 @@ class FederatedTrainer:
         fault_hook: ``hook(client_id, round, result) -> result`` applied to every client result before
             validation (tests use it to simulate bad clients; raising inside it = a crashing client).
         progress: show rich progress bars.
+        overwrite: a fresh run (``run(resume=False)``) may replace the run already in ``output_dir`` (its
+            checkpoints, metrics, summary and adapter are deleted first); without it that is a `RunFolderError`.
         executor: who trains the clients (`fedkernels.federated.executor`); default: `SequentialExecutor`, or
             `ParallelExecutor` when ``config.parallel_clients > 1``.
     """
@@ -135,11 +136,13 @@ class FederatedTrainer:
         dataset=None,
         fault_hook: Callable[[int, int, ClientResult], ClientResult] | None = None,
         progress: bool = False,
+        overwrite: bool = False,
         executor: ClientExecutor | None = None,
     ) -> None:
         self.cfg = config
         self.fault_hook = fault_hook
         self.progress = progress
+        self.overwrite = overwrite
         self.out = Path(config.output_dir)
         self._dataset = dataset
         self._setup()
@@ -177,7 +180,8 @@ class FederatedTrainer:
             {m: (l.lora_A.detach().clone(), l.lora_B.detach().clone()) for m, l in self.layers.items()},
             {m: l.scale for m, l in self.layers.items()},
         )
-        self.global_head = {} if self.head is None else {k: v.detach().clone() for k, v in self.head.state_dict().items()}
+        self.global_head = {} if self.head is None else {k: v.detach().clone()
+                                                         for k, v in self.head.state_dict().items()}
         self.client_starts: dict[int, dict] = {}
         self.history: list[dict] = []
         self.round = 0
@@ -198,53 +202,44 @@ class FederatedTrainer:
 
     # ------------------------------------------------------------------ state
     def _state_tensors(self) -> tuple[dict[str, torch.Tensor], dict]:
-        tensors: dict[str, torch.Tensor] = {}
-        for m, (A, B) in self.global_state.factors.items():
-            tensors[f"global.{m}.A"] = A
-            tensors[f"global.{m}.B"] = B
-        for k, v in self.global_head.items():
-            tensors[f"head.{k}"] = v
-        if self.rule_name == "flora":  # FLoRA merges into the frozen base: its weights are state too
-            for m, layer in self.layers.items():
-                tensors[f"base.{m}"] = layer.base_layer.weight.detach()
-        rule_state = self.global_state.state_dict()
-        rule_meta = {}
-        for k, v in rule_state.items():
-            if isinstance(v, torch.Tensor):
-                tensors[f"rule.{k}"] = v
-            else:
-                rule_meta[k] = v
-        tensors["rng.torch"] = torch.get_rng_state()
-        starts = {}
-        for cid, st in self.client_starts.items():
-            for m, (A, B) in st.items():
-                tensors[f"start.{cid}.{m}.A"] = A
-                tensors[f"start.{cid}.{m}.B"] = B
-            starts[str(cid)] = list(st)
-        meta = {"round": self.round, "config": self.cfg.to_dict(), "rule_meta": rule_meta, "starts": starts,
-                "planner": self.planner.state_dict(), "budgets": self.budgets}
-        return tensors, meta
+        """This run's state in the checkpoint schema (`fedkernels.federated.checkpoint.RunState`)."""
+        base = None
+        if self.rule.mutates_base:  # FLoRA merges into the frozen base: its weights are state too
+            base = {m: layer.base_layer.weight.detach() for m, layer in self.layers.items()}
+        return RunState(
+            round=self.round, config=self.cfg.to_dict(), factors=dict(self.global_state.factors),
+            head=self.global_head, rule_state=self.global_state.state_dict(), rng=torch.get_rng_state(),
+            planner=self.planner.state_dict(), budgets=self.budgets, base=base, starts=self.client_starts,
+        ).to_tensors()
 
-    def _load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    def _parse_state(self, tensors: dict[str, torch.Tensor], meta: dict, source: str | Path = "checkpoint"
+                     ) -> RunState:
+        """A loaded checkpoint checked against this model (every key, shape, finite values, round range)."""
+        expected = {}
+        for m, layer in self.layers.items():
+            expected[f"global.{m}.A"] = layer.lora_A.shape
+            expected[f"global.{m}.B"] = layer.lora_B.shape
+        expected.update({f"head.{k}": v.shape for k, v in self.global_head.items()})
+        return RunState.from_tensors(tensors, meta, expected=expected, source=source,
+                                     base_modules=list(self.layers) if self.rule.mutates_base else None)
+
+    def _load_state(self, tensors: dict[str, torch.Tensor] | RunState, meta: dict | None = None) -> None:
+        """Restore a checkpoint: a checked `RunState`, or raw ``(tensors, meta)`` (checked here)."""
         from fedkernels import aggregation
 
-        factors = {m: (tensors[f"global.{m}.A"], tensors[f"global.{m}.B"]) for m in self.module_names}
-        rule_state = dict(meta["rule_meta"])
-        rule_state.update({k[5:]: v for k, v in tensors.items() if k.startswith("rule.")})
-        self.global_state = aggregation.GlobalState.from_factors(factors, {m: l.scale for m, l in self.layers.items()})
-        self.global_state.load_state_dict(rule_state)
-        self.global_head = {k[5:]: v for k, v in tensors.items() if k.startswith("head.")}
-        if self.rule_name == "flora":
+        st = tensors if isinstance(tensors, RunState) else self._parse_state(tensors, meta)
+        scales = {m: layer.scale for m, layer in self.layers.items()}
+        self.global_state = aggregation.GlobalState.from_factors(st.factors, scales)
+        self.global_state.load_state_dict(st.rule_state)
+        self.global_head = dict(st.head)
+        if st.base is not None:
             with torch.no_grad():
                 for m, layer in self.layers.items():
-                    layer.base_layer.weight.copy_(tensors[f"base.{m}"])
-        torch.set_rng_state(tensors["rng.torch"])
-        self.client_starts = {
-            int(cid): {m: (tensors[f"start.{cid}.{m}.A"], tensors[f"start.{cid}.{m}.B"]) for m in mods}
-            for cid, mods in meta["starts"].items()
-        }
-        self.planner.load_state_dict(meta["planner"])
-        self.round = int(meta["round"])
+                    layer.base_layer.weight.copy_(st.base[m])
+        torch.set_rng_state(st.rng)
+        self.client_starts = st.starts
+        self.planner.load_state_dict(st.planner)
+        self.round = st.round
 
     # ------------------------------------------------------------------ run
     def run(self, *, resume: bool = False, stop_after: int | None = None, rounds: int | None = None) -> RunSummary:
@@ -276,62 +271,96 @@ class FederatedTrainer:
         return text + (f" {name}={record[name]:.3f}" if name in record else "")
 
     def begin_run(self, *, resume: bool = False) -> None:
-        """Open the run folder: restore the latest checkpoint (``resume``) or start fresh; rewrite the metrics
-        file to exactly the rounds the state covers (a killed run may have logged one more)."""
+        """Open the run folder (`fedkernels.federated.rundir.RunDirectory`): take its lock, delete stale temp
+        files, then restore the newest good checkpoint (``resume``) or start fresh (refused in a folder holding
+        another run unless ``overwrite``); rewrite the metrics file to exactly the rounds the state covers (a
+        killed run may have logged one more)."""
         cfg = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True)
-        metrics_path = self.out / "metrics.jsonl"
-        ckpt_root = self.out / "checkpoints"
-        if resume:
-            ckpt = latest_checkpoint(ckpt_root)
-            if ckpt is None:
-                raise ConfigError(f"--resume: no checkpoint in {str(ckpt_root)!r}")
-            tensors, meta = load_checkpoint(ckpt)
-            saved_cfg = FederatedConfig.from_dict(meta["config"])
-            if {k: v for k, v in saved_cfg.to_dict().items() if k != "rounds"} != {
-                k: v for k, v in cfg.to_dict().items() if k != "rounds"
-            }:
-                raise ConfigError(f"--resume: the config differs from the checkpointed run in {str(self.out)!r}")
-            self._load_state(tensors, meta)
-            lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
-            self.history = [json.loads(x) for x in lines if x.strip()]
-            self.history = [h for h in self.history if h["round"] <= self.round]
-            log.info("resumed from %s at round %d", ckpt, self.round)
-        else:
-            metrics_path.unlink(missing_ok=True)
-        metrics_path.write_text("".join(json.dumps(h, sort_keys=True) + "\n" for h in self.history))
-        atomic_write_json(self.out / "config.json", cfg.to_dict())
+        self.rundir = RunDirectory(self.out)
+        self.rundir.acquire()
+        try:
+            self.rundir.clean_temp()
+            if resume:
+                self._resume()
+            else:
+                self.rundir.open_fresh(overwrite=self.overwrite)
+            self.rundir.write_metrics(self.history)
+            atomic_write_json(self.out / "config.json", cfg.to_dict())
+        except BaseException:
+            self.rundir.release()
+            raise
+
+    def _resume(self) -> None:
+        cfg = self.cfg
+        ckpt_root = self.rundir.checkpoints
+        if not ckpt_root.is_dir():
+            raise RunFolderError(f"--resume: no checkpoints folder in {str(self.out)!r}")
+
+        def check(tensors: dict, meta: dict, folder: Path) -> RunState:
+            st = self._parse_state(tensors, meta, folder)
+            if st.round > cfg.rounds:
+                raise CheckpointError(f"{str(folder)!r} is at round {st.round}, beyond rounds={cfg.rounds}")
+            return st
+
+        ckpt, state = load_latest(ckpt_root, check)
+        # output_dir may differ (a moved or copied run resumes where it is now) and rounds may be extended
+        same = ("rounds", "output_dir")
+        if {k: v for k, v in FederatedConfig.from_dict(state.config).to_dict().items() if k not in same} != {
+                k: v for k, v in cfg.to_dict().items() if k not in same}:
+            raise ConfigError(f"--resume: the config differs from the checkpointed run in {str(ckpt)!r}")
+        self._load_state(state)
+        history = self.rundir.read_metrics()
+        self.history = [h for h in history if h["round"] <= self.round]
+        if [h["round"] for h in self.history] != list(range(1, self.round + 1)):
+            log.warning("%s covers rounds %s, the checkpoint %s is at round %d: the summary totals cover only "
+                        "the logged rounds", self.rundir.metrics_path, [h["round"] for h in self.history], ckpt,
+                        self.round)
+        log.info("resumed from %s at round %d", ckpt, self.round)
 
     def commit_round(self, record: dict) -> None:
-        """Make a finished round durable: advance ``round``, append its metrics line, write the checkpoint."""
+        """Make a finished round durable: advance ``round``, rewrite the metrics file (atomically), write the
+        checkpoint. A crash in between leaves metrics one round ahead of the checkpoint, which resume trims."""
         self.round = int(record["round"])
         self.history.append(record)
-        with (self.out / "metrics.jsonl").open("a") as fh:
-            fh.write(json.dumps(record, sort_keys=True) + "\n")
+        self.rundir.write_metrics(self.history)
         tensors, meta = self._state_tensors()
-        save_checkpoint(self.out / "checkpoints", self.round, tensors, meta)
-        if os.environ.get("FEDKERNELS_PAUSE_AFTER_ROUND") == str(self.round):
-            # Testing aid: hold still after this round's checkpoint so a test can `kill -9` us here.
-            time.sleep(3600)
+        save_checkpoint(self.rundir.checkpoints, self.round, tensors, meta)
 
     def end_run(self) -> RunSummary:
-        """Export the adapter and write summary.json once every round is done; the run's summary either way."""
+        """Export the adapter and write summary.json once every round is done; release the run folder; the run's
+        summary either way.
+
+        Raises:
+            RunFailedError: every round is done and not one client update succeeded in any of them (summary.json
+                is written first, with ``"failed": true``).
+        """
         cfg = self.cfg
-        adapter_dir = self._export() if self.round >= cfg.rounds else None
-        last = self.history[-1] if self.history else {}
-        metric = self.task.headline_metric
-        summary = RunSummary(self.round, float(last.get("accuracy", float("nan"))), float(last.get("loss", float("nan"))),
-                             self.history, self.out, adapter_dir, metric=metric,
-                             final_metric=last_metric(self.history, metric))
-        if adapter_dir is not None:
-            atomic_write_json(self.out / "summary.json", {
-                "strategy": cfg.strategy, "rounds": self.round, "task": self.task.name,
-                "final_accuracy": summary.final_accuracy, "final_loss": summary.final_loss,
-                "metric": metric, "final_metric": summary.final_metric,
-                "adapter": str(adapter_dir) if adapter_dir else None,
-                "total_bytes_up": sum(h["bytes_up"] for h in self.history),
-                "total_bytes_down": sum(h["bytes_down"] for h in self.history),
-            })
+        try:
+            done = self.round >= cfg.rounds
+            failed = done and bool(self.history) and not any(h["succeeded"] for h in self.history)
+            adapter_dir = self._export() if done and not failed else None
+            last = self.history[-1] if self.history else {}
+            metric = self.task.headline_metric
+            summary = RunSummary(self.round, float(last.get("accuracy", float("nan"))),
+                                 float(last.get("loss", float("nan"))), self.history, self.out, adapter_dir,
+                                 metric=metric, final_metric=last_metric(self.history, metric))
+            if done:
+                atomic_write_json(self.out / "summary.json", {
+                    "strategy": cfg.strategy, "rounds": self.round, "task": self.task.name,
+                    "final_accuracy": summary.final_accuracy, "final_loss": summary.final_loss,
+                    "metric": metric, "final_metric": summary.final_metric,
+                    "adapter": str(adapter_dir) if adapter_dir else None,
+                    "failed": failed,
+                    "total_bytes_up": sum(h["bytes_up"] for h in self.history),
+                    "total_bytes_down": sum(h["bytes_down"] for h in self.history),
+                })
+        finally:
+            if getattr(self, "rundir", None) is not None:
+                self.rundir.release()
+        if failed:
+            first = next((f for h in self.history for f in h["failures"]), {"reason": "no client was sampled"})
+            raise RunFailedError(f"every client failed in every one of {self.round} rounds (first: client "
+                                 f"{first.get('client')}: {first['reason']}); see {str(self.out / 'summary.json')!r}")
         return summary
 
     def sample_clients(self, round_idx: int) -> list[int]:
@@ -480,17 +509,19 @@ class FederatedTrainer:
             self.head.load_state_dict(self.global_head)
         self.model.eval()
 
-    def _export(self) -> Path | None:
-        """The peft adapter in ``adapter/``; under a rule that `mutates_base` (FLoRA) also the merged base weights
-        in ``merged_base_weights.safetensors``, written first: without them the adapter does not reproduce the
-        model, and with B = 0 after FLoRA's restart there may be no adapter to export at all."""
+    def _export(self, target: Path | None = None) -> Path | None:
+        """The peft adapter in ``target`` (default ``output_dir/adapter``); under a rule that `mutates_base` (FLoRA)
+        also the merged base weights in ``merged_base_weights.safetensors`` beside ``adapter/`` (inside
+        ``target`` when one is given), written first: without them the adapter does not reproduce the model, and
+        with B = 0 after FLoRA's restart there may be no adapter to export at all."""
         self._load_global()
+        target = Path(target) if target is not None else self.out / "adapter"
         if self.rule.mutates_base:
             from fedkernels.io import atomic_save_safetensors
 
+            base_dir = self.out if target == self.out / "adapter" else target
             atomic_save_safetensors({m: l.base_layer.weight for m, l in self.layers.items()},
-                                    self.out / "merged_base_weights.safetensors")
-        target = self.out / "adapter"
+                                    base_dir / "merged_base_weights.safetensors")
         try:
             export_peft(self.model, target, base_model_name_or_path=self.cfg.model, task_type=self.task.peft_task_type)
         except Exception as exc:  # noqa: BLE001 - e.g. FLoRA: everything merged, nothing left to export
