@@ -150,7 +150,9 @@ def _setup_logging(verbose: bool) -> None:
 def train(
     ctx: typer.Context,
     config: Path = typer.Option(None, "--config", "-c", help="YAML/TOML/JSON FederatedConfig file."),
-    resume: Path = typer.Option(None, "--resume", help="Continue the run in this output folder."),
+    resume: Path = typer.Option(None, "--resume", help="Continue the run in this folder (writes only there)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run already in the output folder "
+                                   "(its checkpoints, metrics, summary and adapter are deleted first)."),
     engine: str = typer.Option("inprocess", "--engine", help="inprocess | flower (Flower's simulation engine, "
                                "needs flwr[simulation]) | flower-local (SuperLink + SuperNodes on 127.0.0.1)."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
@@ -168,22 +170,27 @@ def train(
             saved = Path(resume) / "config.json"
             if not saved.is_file():
                 raise FedKernelsError(f"--resume {str(resume)!r}: no config.json in that folder")
-            cfg = FederatedConfig.from_file(saved)
-            cfg = cfg.with_overrides(overrides) if overrides else cfg
+            # the run continues where it is now, not in the folder its config.json names (it may have moved)
+            cfg = FederatedConfig.from_file(saved).with_overrides({**overrides, "output_dir": str(resume)})
         else:
             cfg = _load_config(config, overrides)
         if engine != "inprocess":
+            if resume is None:  # refuse (or clear) here: inside the ServerApp it would surface as "flwr run failed"
+                from fedkernels.federated.rundir import RunDirectory
+
+                RunDirectory(cfg.output_dir).open_fresh(overwrite=overwrite)
             summary = _run_flower(cfg, engine, resume is not None)
         else:
-            trainer = FederatedTrainer(cfg, progress=sys.stderr.isatty())
+            trainer = FederatedTrainer(cfg, progress=sys.stderr.isatty(), overwrite=overwrite)
             summary = trainer.run(resume=resume is not None)
     except (FedKernelsError, ValueError) as exc:
         _fail(exc)
     table = Table(title=f"{cfg.strategy} on {cfg.dataset}")
-    for col in ("round", "accuracy", "loss", "clients ok", "MiB up", "s"):
+    metric = summary.metric  # the task's headline metric: accuracy, or ROUGE-L (generation rounds only)
+    for col in ("round", metric, "loss", "clients ok", "MiB up", "s"):
         table.add_column(col, justify="right")
     for h in summary.history:
-        table.add_row(str(h["round"]), f"{h['accuracy']:.3f}", f"{h['loss']:.3f}",
+        table.add_row(str(h["round"]), f"{h[metric]:.3f}" if metric in h else "-", f"{h['loss']:.3f}",
                       f"{len(h['succeeded'])}/{len(h['sampled'])}" + (" skipped" if h["skipped"] else ""),
                       f"{h['bytes_up'] / 2**20:.2f}", f"{h['wall_s']:.1f}")
     console.print(table)
@@ -194,7 +201,7 @@ def _run_flower(cfg, engine: str, resume: bool):
     """Run on Flower (`fedkernels.flower.launch`) and read the run's metrics back into a RunSummary."""
     import json
 
-    from fedkernels.federated.trainer import RunSummary
+    from fedkernels.federated.trainer import RunSummary, last_metric
     from fedkernels.flower import flwr_available
 
     if not flwr_available():
@@ -205,8 +212,11 @@ def _run_flower(cfg, engine: str, resume: bool):
     history = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
     last = history[-1]
     adapter = out / "adapter"
-    return RunSummary(len(history), last["accuracy"], last["loss"], history, out,
-                      adapter if adapter.is_dir() else None)
+    summary_path = out / "summary.json"
+    metric = json.loads(summary_path.read_text()).get("metric", "accuracy") if summary_path.exists() else "accuracy"
+    return RunSummary(len(history), float(last.get("accuracy", float("nan"))), last["loss"], history, out,
+                      adapter if adapter.is_dir() else None, metric=metric,
+                      final_metric=last_metric(history, metric))
 
 
 def _compare_and_report(cfg, strategies, partitions, seeds, out: Path, dataset=None) -> None:
@@ -273,19 +283,16 @@ def export(
     run_dir: Path = typer.Argument(..., help="Output folder of a (possibly unfinished) training run."),
     out: Path = typer.Argument(..., help="Folder to write the peft adapter to."),
 ) -> None:
-    """Export the latest checkpoint of a run as a vanilla-peft adapter."""
+    """Export the latest good checkpoint of a run as a vanilla-peft adapter in OUT."""
     from fedkernels.federated import FederatedConfig, FederatedTrainer
-    from fedkernels.federated.checkpoint import latest_checkpoint, load_checkpoint
+    from fedkernels.federated.checkpoint import load_latest
 
     try:
-        cfg = FederatedConfig.from_file(run_dir / "config.json")
-        ckpt = latest_checkpoint(run_dir / "checkpoints")
-        if ckpt is None:
-            raise FedKernelsError(f"no checkpoint in {str(run_dir / 'checkpoints')!r}")
+        cfg = FederatedConfig.from_file(run_dir / "config.json").with_overrides({"output_dir": str(run_dir)})
         trainer = FederatedTrainer(cfg)
-        trainer._load_state(*load_checkpoint(ckpt))
-        trainer.out = out.parent if out.name == "adapter" else out
-        path = trainer._export()
+        _, state = load_latest(run_dir / "checkpoints", trainer._parse_state)
+        trainer._load_state(state)
+        path = trainer._export(out)
     except (FedKernelsError, ValueError) as exc:
         _fail(exc)
     console.print(f"exported round {trainer.round} to {path}")

@@ -45,6 +45,24 @@ class AdapterFormatError(FedKernelsError, ValueError):
     """An adapter file in a format we refuse to read (pickle) or that is malformed."""
 
 
+class CheckpointError(FedKernelsError, ValueError):
+    """A checkpoint that cannot be resumed from: a missing or corrupt file (digest mismatch), a missing key, or
+    metadata out of range. The message names the file, the key and the value."""
+
+
+class RunFolderError(FedKernelsError):
+    """A run folder that this run may not use: it holds another run's files (a fresh start needs ``--overwrite``),
+    or it has nothing to resume from."""
+
+
+class RunLockedError(RunFolderError):
+    """Another live process holds the run folder's lock; the message names the folder, pid, host and start time."""
+
+
+class RunFailedError(FedKernelsError):
+    """A run ended without a single successful client update in any round (its summary.json says so too)."""
+
+
 class ConfigError(FedKernelsError, ValueError):
     """An invalid configuration value; the message quotes it."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -14,7 +15,10 @@ from safetensors.torch import load_file, save_file
 
 from fedkernels.errors import AdapterFormatError, NonFiniteError
 
-__all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_save_safetensors", "load_safetensors", "fsync_dir"]
+__all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_save_safetensors", "load_safetensors", "fsync_dir",
+           "sha256_file", "TEMP_GLOB"]
+
+TEMP_GLOB = ".*.tmp"  # the temp files `atomic_write_bytes` / `atomic_save_safetensors` leave if killed mid-write
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
@@ -49,6 +53,15 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             os.unlink(tmp)
         raise
     fsync_dir(path.parent)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -1,11 +1,15 @@
 """Per-round overhead of the Flower path vs the in-process trainer on the same tiny configuration.
 
-    PYTHONPATH=. python examples/flower/measure_overhead.py [--out results.json]
+    PYTHONPATH=. python examples/flower/measure_overhead.py [--out results.json] [--cold]
 
 Runs the tiny config of tests/federated/test_trainer.py with 3 clients (all sampled every round) for 2 rounds,
 in-process and on a loopback deployment (1 flower-superlink + 3 flower-supernode processes, `flwr run`), and
 prints per-round wall time (the trainer's own round timer, which on Flower includes the round trip to the
 SuperNodes) and bytes (array payload). Process start-up and the one-off node query are reported separately.
+
+By default each SuperNode runs in ``--isolation process`` with one long-lived ClientApp process
+(`fedkernels.flower.warm`); ``--cold`` measures Flower's default instead: a fresh ``flwr-clientapp`` process,
+which imports torch and rebuilds the model, for every message.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ def _rounds(out: Path) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
+    ap.add_argument("--cold", action="store_true", help="a fresh flwr-clientapp per message (Flower's default)")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="fedkernels-overhead-"))
 
@@ -44,7 +49,7 @@ def main() -> None:
     cfg = FederatedConfig(**TINY, output_dir=str(tmp / "flower"))
     (tmp / "cfg.json").write_text(json.dumps(cfg.to_dict()))
     t = time.perf_counter()
-    with LocalDeployment(node_configs_for(cfg, ref.budgets), workdir=tmp / "work") as dep:
+    with LocalDeployment(node_configs_for(cfg, ref.budgets), workdir=tmp / "work", warm=not args.cold) as dep:
         started = time.perf_counter() - t
         t = time.perf_counter()
         res = dep.run(example_app_dir(), {"config": str(tmp / "cfg.json"), "output-dir": cfg.output_dir,
@@ -61,7 +66,8 @@ def main() -> None:
                      "inproc_bytes_down": a["bytes_down"], "inproc_bytes_up": a["bytes_up"],
                      "flower_wire_bytes_down": w["bytes_down"], "flower_wire_bytes_up": w["bytes_up"],
                      "flower_client_train_s": [c.get("wall_s") for c in b["clients"]]})
-    result = {"config": TINY, "inproc_setup_s": setup_inproc, "inproc_run_s": run_inproc,
+    result = {"config": TINY, "clientapp": "fresh process per message" if args.cold else "long-lived (warm)",
+              "inproc_setup_s": setup_inproc, "inproc_run_s": run_inproc,
               "flower_deploy_start_s": started, "flower_run_s": run_flower, "rounds": rows}
     print(json.dumps(result, indent=1))
     if args.out:

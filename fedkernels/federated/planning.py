@@ -39,14 +39,14 @@ def read_budgets_csv(path: str | Path, num_clients: int) -> dict[int, int]:
     return out
 
 
-from fedkernels.federated.client import classification_loss as _classification_loss  # noqa: E402 - the one loss
-
-
 class Planner:
     """Per-client plans (module -> rank) from `solvers`, with the memory model of the shared model."""
 
     def __init__(self, model: torch.nn.Module, layers: dict, cfg: FederatedConfig, allocation: str,
-                 calibration_batch: dict | None = None, head_params: list | None = None) -> None:
+                 calibration_batch: dict | None = None, head_params: list | None = None, *, task=None) -> None:
+        """``task``: the run's `fedkernels.federated.tasks.Task`; its ``loss`` is what the memory model is calibrated
+        on and importance is scored with (a causal LM's logits over the vocabulary are a large rank-independent
+        term of the peak), ``calibration_batch`` its `Task.probe_batch`."""
         from fedkernels.nn import layer_index
         from solvers.memory_model import MemoryModel
         from solvers.strategies import strategy_traits
@@ -64,6 +64,9 @@ class Planner:
             blocks[m] = idx if idx is not None else i
         if calibration_batch is None:
             raise ConfigError("Planner needs a calibration batch to measure the model's training memory")
+        if task is None:
+            raise ConfigError("Planner needs the run's task (its loss calibrates the memory model), got None")
+        self.task = task
         # Calibrated by measurement on the very model the clients train (saved-tensor hooks and the step's
         # allocator peak, `solvers.measure`), so plans are checked against the peak training really reaches.
         # Train mode: dropout masks are saved for backward during training, so calibrate with them.
@@ -73,7 +76,7 @@ class Planner:
             model, calibration_batch,
             {m: [layer.lora_A, layer.lora_B] for m, layer in layers.items()},
             blocks,
-            loss_fn=_classification_loss,
+            loss_fn=task.loss,
             optimizer=cfg.optimizer,
             always_trainable=list(head_params or []),
         )
@@ -89,7 +92,7 @@ class Planner:
             from solvers.importance import fisher_scores
 
             scores = fisher_scores(model, [calibration_batch], {m: [l.lora_A, l.lora_B] for m, l in layers.items()},
-                                   loss_fn=_classification_loss)
+                                   loss_fn=task.loss)
             total = sum(scores.values())
             self.importance = {m: v / total for m, v in scores.items()} if total > 0 else None
         model.train(was_training)

@@ -9,10 +9,8 @@ from a checkpoint ends bitwise identical to an uninterrupted one on the same mac
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,14 +19,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedkernels.errors import ClientUpdateError, ConfigError
+from fedkernels.errors import CheckpointError, ClientUpdateError, ConfigError, RunFailedError, RunFolderError
 from fedkernels.federated import planning
-from fedkernels.federated.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from fedkernels.federated.client import ClientResult, LocalTraining, Replay, SharedModel, fault_injector
+from fedkernels.federated.checkpoint import RunState, load_latest, save_checkpoint
+from fedkernels.federated.client import ClientResult, LocalTraining, SharedModel, fault_injector
 from fedkernels.federated.config import PRESETS, FederatedConfig
-from fedkernels.federated.data import TokenizedData, load_dataset, partition, rng_for, tokenize
+from fedkernels.federated.data import TokenizedData, load_dataset, partition, rng_for
 from fedkernels.federated.executor import ClientExecutor, ParallelExecutor, RoundJob, RoundOutcome, SequentialExecutor
-from fedkernels.federated.model import build_model
+from fedkernels.federated.rundir import RunDirectory
+from fedkernels.federated.tasks import Task, task_from_config
 from fedkernels.io import atomic_write_json
 from fedkernels.nn import LoRAConfig, export_peft
 
@@ -39,6 +38,9 @@ log = logging.getLogger("fedkernels.federated")
 
 @dataclass
 class RunSummary:
+    """``final_accuracy``: the last round's accuracy (NaN for a task without it); ``metric`` names the task's
+    headline metric (`Task.headline_metric`) and ``final_metric`` its last value (NaN if never evaluated)."""
+
     rounds: int
     final_accuracy: float
     final_loss: float
@@ -46,6 +48,16 @@ class RunSummary:
     output_dir: Path
     adapter_dir: Path | None
     allocation: list[list[float]] | None = None  # clients x layers trained share, filled by `compare`
+    metric: str = "accuracy"
+    final_metric: float = float("nan")
+
+
+def last_metric(history: list[dict], name: str) -> float:
+    """The latest value of ``name`` in the metrics records (generation metrics are not in every round's)."""
+    for h in reversed(history):
+        if name in h:
+            return float(h[name])
+    return float("nan")
 
 
 def make_rule(cfg: FederatedConfig):
@@ -63,12 +75,13 @@ class Prepared:
     tokenizer: object
     model: torch.nn.Module
     layers: dict
-    head_name: str
-    head: torch.nn.Module
+    head_name: str | None
+    head: torch.nn.Module | None
     data: TokenizedData
     test_idx: np.ndarray
     train_idx: np.ndarray
     client_indices: list[np.ndarray]
+    task: Task
 
     @property
     def shared(self) -> SharedModel:
@@ -82,21 +95,23 @@ def prepare(cfg: FederatedConfig, dataset=None) -> Prepared:
     Deterministic in ``cfg`` (and ``dataset``): a Flower SuperNode calling it gets the same model and the same
     partition as the in-process trainer.
     """
-    ds = dataset if dataset is not None else load_dataset(cfg.dataset)
-    num_labels = ds.features["label"].num_classes
-    lora = LoRAConfig(r=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                      target_modules=list(cfg.lora_targets), backend=cfg.backend)
-    tokenizer, model, layers, head_name = build_model(cfg.model, num_labels, lora, seed=cfg.seed)
-    data = tokenize(ds, tokenizer, cfg.seq_len, cfg.max_examples, seed=cfg.seed)
-    labels = data.labels.numpy()
+    ds = dataset if dataset is not None else load_dataset(cfg.dataset, task=cfg.task, columns=cfg.columns)
+    task = task_from_config(cfg, ds.column_names)
+    lora = LoRAConfig(r=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, backend=cfg.backend)
+    targets = list(cfg.lora_targets) if cfg.lora_targets else None
+    tokenizer, model, layers, head_name = task.build_model(cfg.model, lora, seed=cfg.seed,
+                                                           num_labels=task.num_labels(ds), targets=targets)
+    data = task.tokenize(ds, tokenizer, cfg.seq_len, cfg.max_examples, seed=cfg.seed)
+    labels = task.partition_labels(data)
     rng = rng_for(cfg.seed, 0x7E57)
     perm = rng.permutation(len(labels))
     n_test = max(1, int(round(cfg.test_fraction * len(labels))))
     test_idx = np.sort(perm[:n_test])[: cfg.max_eval]
     train_idx = np.sort(perm[n_test:])
     parts = partition(labels[train_idx], cfg.num_clients, cfg.partition_spec(), cfg.seed)
-    return Prepared(tokenizer, model, layers, head_name, model.get_submodule(head_name), data, test_idx, train_idx,
-                    [train_idx[p] for p in parts])
+    head = None if head_name is None else model.get_submodule(head_name)
+    return Prepared(tokenizer, model, layers, head_name, head, data, test_idx, train_idx,
+                    [train_idx[p] for p in parts], task)
 
 
 class FederatedTrainer:
@@ -108,6 +123,8 @@ class FederatedTrainer:
         fault_hook: ``hook(client_id, round, result) -> result`` applied to every client result before
             validation (tests use it to simulate bad clients; raising inside it = a crashing client).
         progress: show rich progress bars.
+        overwrite: a fresh run (``run(resume=False)``) may replace the run already in ``output_dir`` (its
+            checkpoints, metrics, summary and adapter are deleted first); without it that is a `RunFolderError`.
         executor: who trains the clients (`fedkernels.federated.executor`); default: `SequentialExecutor`, or
             `ParallelExecutor` when ``config.parallel_clients > 1``.
     """
@@ -119,15 +136,17 @@ class FederatedTrainer:
         dataset=None,
         fault_hook: Callable[[int, int, ClientResult], ClientResult] | None = None,
         progress: bool = False,
+        overwrite: bool = False,
         executor: ClientExecutor | None = None,
     ) -> None:
         self.cfg = config
         self.fault_hook = fault_hook
         self.progress = progress
+        self.overwrite = overwrite
         self.out = Path(config.output_dir)
         self._dataset = dataset
         self._setup()
-        self.settings = LocalTraining.from_config(config)
+        self.settings = LocalTraining.from_config(config, task=self.task)
         self.executor = executor if executor is not None else self._default_executor()
 
     # ------------------------------------------------------------------ set-up
@@ -135,6 +154,7 @@ class FederatedTrainer:
         cfg = self.cfg
         prep = prepare(cfg, self._dataset)
         self.tokenizer, self.model, self.layers = prep.tokenizer, prep.model, prep.layers
+        self.task = prep.task
         self.head_name = prep.head_name
         self.head = prep.head
         self.shared = prep.shared
@@ -146,9 +166,10 @@ class FederatedTrainer:
         preset = PRESETS[cfg.strategy]
         self.allocation = cfg.allocation or preset.allocation
         self.rule_name = preset.rule
-        calib = self.data.batch(np.take(train_idx, range(cfg.batch_size), mode="wrap"))
+        calib = self.task.probe_batch(self.data, train_idx, cfg.batch_size)
         self.planner = planning.Planner(self.model, self.layers, cfg, self.allocation, calibration_batch=calib,
-                                        head_params=list(self.head.parameters()))
+                                        head_params=[] if self.head is None else list(self.head.parameters()),
+                                        task=self.task)
         self.budgets = self.planner.client_budgets()
         self.planner.check_feasible(self.budgets)  # stops the run before round 1, naming the client
         self.configured_budgets = dict(self.budgets)  # the config's; an executor may report others per round
@@ -159,7 +180,8 @@ class FederatedTrainer:
             {m: (l.lora_A.detach().clone(), l.lora_B.detach().clone()) for m, l in self.layers.items()},
             {m: l.scale for m, l in self.layers.items()},
         )
-        self.global_head = {k: v.detach().clone() for k, v in self.head.state_dict().items()}
+        self.global_head = {} if self.head is None else {k: v.detach().clone()
+                                                         for k, v in self.head.state_dict().items()}
         self.client_starts: dict[int, dict] = {}
         self.history: list[dict] = []
         self.round = 0
@@ -180,53 +202,44 @@ class FederatedTrainer:
 
     # ------------------------------------------------------------------ state
     def _state_tensors(self) -> tuple[dict[str, torch.Tensor], dict]:
-        tensors: dict[str, torch.Tensor] = {}
-        for m, (A, B) in self.global_state.factors.items():
-            tensors[f"global.{m}.A"] = A
-            tensors[f"global.{m}.B"] = B
-        for k, v in self.global_head.items():
-            tensors[f"head.{k}"] = v
-        if self.rule_name == "flora":  # FLoRA merges into the frozen base: its weights are state too
-            for m, layer in self.layers.items():
-                tensors[f"base.{m}"] = layer.base_layer.weight.detach()
-        rule_state = self.global_state.state_dict()
-        rule_meta = {}
-        for k, v in rule_state.items():
-            if isinstance(v, torch.Tensor):
-                tensors[f"rule.{k}"] = v
-            else:
-                rule_meta[k] = v
-        tensors["rng.torch"] = torch.get_rng_state()
-        starts = {}
-        for cid, st in self.client_starts.items():
-            for m, (A, B) in st.items():
-                tensors[f"start.{cid}.{m}.A"] = A
-                tensors[f"start.{cid}.{m}.B"] = B
-            starts[str(cid)] = list(st)
-        meta = {"round": self.round, "config": self.cfg.to_dict(), "rule_meta": rule_meta, "starts": starts,
-                "planner": self.planner.state_dict(), "budgets": self.budgets}
-        return tensors, meta
+        """This run's state in the checkpoint schema (`fedkernels.federated.checkpoint.RunState`)."""
+        base = None
+        if self.rule.mutates_base:  # FLoRA merges into the frozen base: its weights are state too
+            base = {m: layer.base_layer.weight.detach() for m, layer in self.layers.items()}
+        return RunState(
+            round=self.round, config=self.cfg.to_dict(), factors=dict(self.global_state.factors),
+            head=self.global_head, rule_state=self.global_state.state_dict(), rng=torch.get_rng_state(),
+            planner=self.planner.state_dict(), budgets=self.budgets, base=base, starts=self.client_starts,
+        ).to_tensors()
 
-    def _load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    def _parse_state(self, tensors: dict[str, torch.Tensor], meta: dict, source: str | Path = "checkpoint"
+                     ) -> RunState:
+        """A loaded checkpoint checked against this model (every key, shape, finite values, round range)."""
+        expected = {}
+        for m, layer in self.layers.items():
+            expected[f"global.{m}.A"] = layer.lora_A.shape
+            expected[f"global.{m}.B"] = layer.lora_B.shape
+        expected.update({f"head.{k}": v.shape for k, v in self.global_head.items()})
+        return RunState.from_tensors(tensors, meta, expected=expected, source=source,
+                                     base_modules=list(self.layers) if self.rule.mutates_base else None)
+
+    def _load_state(self, tensors: dict[str, torch.Tensor] | RunState, meta: dict | None = None) -> None:
+        """Restore a checkpoint: a checked `RunState`, or raw ``(tensors, meta)`` (checked here)."""
         from fedkernels import aggregation
 
-        factors = {m: (tensors[f"global.{m}.A"], tensors[f"global.{m}.B"]) for m in self.module_names}
-        rule_state = dict(meta["rule_meta"])
-        rule_state.update({k[5:]: v for k, v in tensors.items() if k.startswith("rule.")})
-        self.global_state = aggregation.GlobalState.from_factors(factors, {m: l.scale for m, l in self.layers.items()})
-        self.global_state.load_state_dict(rule_state)
-        self.global_head = {k[5:]: v for k, v in tensors.items() if k.startswith("head.")}
-        if self.rule_name == "flora":
+        st = tensors if isinstance(tensors, RunState) else self._parse_state(tensors, meta)
+        scales = {m: layer.scale for m, layer in self.layers.items()}
+        self.global_state = aggregation.GlobalState.from_factors(st.factors, scales)
+        self.global_state.load_state_dict(st.rule_state)
+        self.global_head = dict(st.head)
+        if st.base is not None:
             with torch.no_grad():
                 for m, layer in self.layers.items():
-                    layer.base_layer.weight.copy_(tensors[f"base.{m}"])
-        torch.set_rng_state(tensors["rng.torch"])
-        self.client_starts = {
-            int(cid): {m: (tensors[f"start.{cid}.{m}.A"], tensors[f"start.{cid}.{m}.B"]) for m in mods}
-            for cid, mods in meta["starts"].items()
-        }
-        self.planner.load_state_dict(meta["planner"])
-        self.round = int(meta["round"])
+                    layer.base_layer.weight.copy_(st.base[m])
+        torch.set_rng_state(st.rng)
+        self.client_starts = st.starts
+        self.planner.load_state_dict(st.planner)
+        self.round = st.round
 
     # ------------------------------------------------------------------ run
     def run(self, *, resume: bool = False, stop_after: int | None = None, rounds: int | None = None) -> RunSummary:
@@ -246,64 +259,108 @@ class FederatedTrainer:
             while self.round < self.cfg.rounds:
                 record = self._run_round(self.round + 1, bar)
                 self.commit_round(record)
-                bar.update(task, completed=self.round,
-                           description=f"{self.cfg.strategy} acc={record['accuracy']:.3f}")
+                bar.update(task, completed=self.round, description=f"{self.cfg.strategy} {self.headline(record)}")
                 if stop_after is not None and self.round >= stop_after:
                     break
         return self.end_run()
 
+    def headline(self, record: dict) -> str:
+        """``loss=... <headline metric>=...`` of a metrics record (the metric only on rounds that computed it)."""
+        name = self.task.headline_metric
+        text = f"loss={record['loss']:.3f}"
+        return text + (f" {name}={record[name]:.3f}" if name in record else "")
+
     def begin_run(self, *, resume: bool = False) -> None:
-        """Open the run folder: restore the latest checkpoint (``resume``) or start fresh; rewrite the metrics
-        file to exactly the rounds the state covers (a killed run may have logged one more)."""
+        """Open the run folder (`fedkernels.federated.rundir.RunDirectory`): take its lock, delete stale temp
+        files, then restore the newest good checkpoint (``resume``) or start fresh (refused in a folder holding
+        another run unless ``overwrite``); rewrite the metrics file to exactly the rounds the state covers (a
+        killed run may have logged one more)."""
         cfg = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True)
-        metrics_path = self.out / "metrics.jsonl"
-        ckpt_root = self.out / "checkpoints"
-        if resume:
-            ckpt = latest_checkpoint(ckpt_root)
-            if ckpt is None:
-                raise ConfigError(f"--resume: no checkpoint in {str(ckpt_root)!r}")
-            tensors, meta = load_checkpoint(ckpt)
-            saved_cfg = FederatedConfig.from_dict(meta["config"])
-            if {k: v for k, v in saved_cfg.to_dict().items() if k != "rounds"} != {
-                k: v for k, v in cfg.to_dict().items() if k != "rounds"
-            }:
-                raise ConfigError(f"--resume: the config differs from the checkpointed run in {str(self.out)!r}")
-            self._load_state(tensors, meta)
-            lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
-            self.history = [json.loads(x) for x in lines if x.strip()]
-            self.history = [h for h in self.history if h["round"] <= self.round]
-            log.info("resumed from %s at round %d", ckpt, self.round)
-        else:
-            metrics_path.unlink(missing_ok=True)
-        metrics_path.write_text("".join(json.dumps(h, sort_keys=True) + "\n" for h in self.history))
-        atomic_write_json(self.out / "config.json", cfg.to_dict())
+        self.rundir = RunDirectory(self.out)
+        self.rundir.acquire()
+        try:
+            self.rundir.clean_temp()
+            if resume:
+                self._resume()
+            else:
+                self.rundir.open_fresh(overwrite=self.overwrite)
+            self.rundir.write_metrics(self.history)
+            atomic_write_json(self.out / "config.json", cfg.to_dict())
+        except BaseException:
+            self.rundir.release()
+            raise
+
+    def _resume(self) -> None:
+        cfg = self.cfg
+        ckpt_root = self.rundir.checkpoints
+        if not ckpt_root.is_dir():
+            raise RunFolderError(f"--resume: no checkpoints folder in {str(self.out)!r}")
+
+        def check(tensors: dict, meta: dict, folder: Path) -> RunState:
+            st = self._parse_state(tensors, meta, folder)
+            if st.round > cfg.rounds:
+                raise CheckpointError(f"{str(folder)!r} is at round {st.round}, beyond rounds={cfg.rounds}")
+            return st
+
+        ckpt, state = load_latest(ckpt_root, check)
+        # output_dir may differ (a moved or copied run resumes where it is now) and rounds may be extended
+        same = ("rounds", "output_dir")
+        if {k: v for k, v in FederatedConfig.from_dict(state.config).to_dict().items() if k not in same} != {
+                k: v for k, v in cfg.to_dict().items() if k not in same}:
+            raise ConfigError(f"--resume: the config differs from the checkpointed run in {str(ckpt)!r}")
+        self._load_state(state)
+        history = self.rundir.read_metrics()
+        self.history = [h for h in history if h["round"] <= self.round]
+        if [h["round"] for h in self.history] != list(range(1, self.round + 1)):
+            log.warning("%s covers rounds %s, the checkpoint %s is at round %d: the summary totals cover only "
+                        "the logged rounds", self.rundir.metrics_path, [h["round"] for h in self.history], ckpt,
+                        self.round)
+        log.info("resumed from %s at round %d", ckpt, self.round)
 
     def commit_round(self, record: dict) -> None:
-        """Make a finished round durable: advance ``round``, append its metrics line, write the checkpoint."""
+        """Make a finished round durable: advance ``round``, rewrite the metrics file (atomically), write the
+        checkpoint. A crash in between leaves metrics one round ahead of the checkpoint, which resume trims."""
         self.round = int(record["round"])
         self.history.append(record)
-        with (self.out / "metrics.jsonl").open("a") as fh:
-            fh.write(json.dumps(record, sort_keys=True) + "\n")
+        self.rundir.write_metrics(self.history)
         tensors, meta = self._state_tensors()
-        save_checkpoint(self.out / "checkpoints", self.round, tensors, meta)
-        if os.environ.get("FEDKERNELS_PAUSE_AFTER_ROUND") == str(self.round):
-            # Testing aid: hold still after this round's checkpoint so a test can `kill -9` us here.
-            time.sleep(3600)
+        save_checkpoint(self.rundir.checkpoints, self.round, tensors, meta)
 
     def end_run(self) -> RunSummary:
-        """Export the adapter and write summary.json once every round is done; the run's summary either way."""
+        """Export the adapter and write summary.json once every round is done; release the run folder; the run's
+        summary either way.
+
+        Raises:
+            RunFailedError: every round is done and not one client update succeeded in any of them (summary.json
+                is written first, with ``"failed": true``).
+        """
         cfg = self.cfg
-        adapter_dir = self._export() if self.round >= cfg.rounds else None
-        last = self.history[-1] if self.history else {"accuracy": float("nan"), "loss": float("nan")}
-        summary = RunSummary(self.round, last["accuracy"], last["loss"], self.history, self.out, adapter_dir)
-        if adapter_dir is not None:
-            atomic_write_json(self.out / "summary.json", {
-                "strategy": cfg.strategy, "rounds": self.round, "final_accuracy": last["accuracy"],
-                "final_loss": last["loss"], "adapter": str(adapter_dir) if adapter_dir else None,
-                "total_bytes_up": sum(h["bytes_up"] for h in self.history),
-                "total_bytes_down": sum(h["bytes_down"] for h in self.history),
-            })
+        try:
+            done = self.round >= cfg.rounds
+            failed = done and bool(self.history) and not any(h["succeeded"] for h in self.history)
+            adapter_dir = self._export() if done and not failed else None
+            last = self.history[-1] if self.history else {}
+            metric = self.task.headline_metric
+            summary = RunSummary(self.round, float(last.get("accuracy", float("nan"))),
+                                 float(last.get("loss", float("nan"))), self.history, self.out, adapter_dir,
+                                 metric=metric, final_metric=last_metric(self.history, metric))
+            if done:
+                atomic_write_json(self.out / "summary.json", {
+                    "strategy": cfg.strategy, "rounds": self.round, "task": self.task.name,
+                    "final_accuracy": summary.final_accuracy, "final_loss": summary.final_loss,
+                    "metric": metric, "final_metric": summary.final_metric,
+                    "adapter": str(adapter_dir) if adapter_dir else None,
+                    "failed": failed,
+                    "total_bytes_up": sum(h["bytes_up"] for h in self.history),
+                    "total_bytes_down": sum(h["bytes_down"] for h in self.history),
+                })
+        finally:
+            if getattr(self, "rundir", None) is not None:
+                self.rundir.release()
+        if failed:
+            first = next((f for h in self.history for f in h["failures"]), {"reason": "no client was sampled"})
+            raise RunFailedError(f"every client failed in every one of {self.round} rounds (first: client "
+                                 f"{first.get('client')}: {first['reason']}); see {str(self.out / 'summary.json')!r}")
         return summary
 
     def sample_clients(self, round_idx: int) -> list[int]:
@@ -403,14 +460,13 @@ class FederatedTrainer:
         timings["aggregate"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        acc, loss = self.evaluate()
+        metrics = self.evaluate(generate=self.task.generates_at(round_idx, cfg.rounds))
         timings["eval"] = time.perf_counter() - t
         results = outcome.results
         return {
             "round": round_idx,
             "strategy": cfg.strategy,
-            "accuracy": acc,
-            "loss": loss,
+            **metrics,
             "skipped": skipped,
             "sampled": sampled,
             "succeeded": [r.client_id for r in good],
@@ -438,39 +494,36 @@ class FederatedTrainer:
                 w.copy_(merged)
 
     @torch.no_grad()
-    def evaluate(self) -> tuple[float, float]:
-        """Accuracy and mean loss of the global model (all adapters at full rank + global head) on the test split."""
+    def evaluate(self, *, generate: bool = False) -> dict[str, float]:
+        """The task's metrics (`Task.evaluate`: accuracy and loss; or loss, perplexity and, with ``generate``,
+        ROUGE-L / exact match per task and macro) of the global model (all adapters at full rank + the global head)
+        on the test split."""
+        self._load_global()
+        return self.task.evaluate(self.model, self.data, self.test_idx, generate=generate)
+
+    def _load_global(self) -> None:
         from fedkernels.federated.client import load_adapter_state
 
         load_adapter_state(self.layers, self.global_state.factors)
-        self.head.load_state_dict(self.global_head)
+        if self.head is not None:
+            self.head.load_state_dict(self.global_head)
         self.model.eval()
-        correct, total_loss = 0, 0.0
-        for lo in range(0, len(self.test_idx), 64):
-            batch = self.data.batch(self.test_idx[lo: lo + 64])
-            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-            # the training loss on the pass already done (mean over the batch, so times its size for the sum)
-            total_loss += float(self.settings.loss_fn(Replay(logits, batch), batch)) * len(batch["labels"])
-            correct += int((logits.argmax(-1) == batch["labels"]).sum())
-        n = len(self.test_idx)
-        return correct / n, total_loss / n
 
-    def _export(self) -> Path | None:
-        """The peft adapter in ``adapter/``; under a rule that `mutates_base` (FLoRA) also the merged base weights
-        in ``merged_base_weights.safetensors``, written first: without them the adapter does not reproduce the
-        model, and with B = 0 after FLoRA's restart there may be no adapter to export at all."""
-        from fedkernels.federated.client import load_adapter_state
-
-        load_adapter_state(self.layers, self.global_state.factors)
-        self.head.load_state_dict(self.global_head)
+    def _export(self, target: Path | None = None) -> Path | None:
+        """The peft adapter in ``target`` (default ``output_dir/adapter``); under a rule that `mutates_base` (FLoRA)
+        also the merged base weights in ``merged_base_weights.safetensors`` beside ``adapter/`` (inside
+        ``target`` when one is given), written first: without them the adapter does not reproduce the model, and
+        with B = 0 after FLoRA's restart there may be no adapter to export at all."""
+        self._load_global()
+        target = Path(target) if target is not None else self.out / "adapter"
         if self.rule.mutates_base:
             from fedkernels.io import atomic_save_safetensors
 
+            base_dir = self.out if target == self.out / "adapter" else target
             atomic_save_safetensors({m: l.base_layer.weight for m, l in self.layers.items()},
-                                    self.out / "merged_base_weights.safetensors")
-        target = self.out / "adapter"
+                                    base_dir / "merged_base_weights.safetensors")
         try:
-            export_peft(self.model, target, base_model_name_or_path=self.cfg.model)
+            export_peft(self.model, target, base_model_name_or_path=self.cfg.model, task_type=self.task.peft_task_type)
         except Exception as exc:  # noqa: BLE001 - e.g. FLoRA: everything merged, nothing left to export
             log.info("no peft adapter exported: %s", exc)
             return None

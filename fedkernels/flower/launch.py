@@ -1,7 +1,9 @@
 """Launch the Flower App: in Flower's simulation engine, or as a real deployment on 127.0.0.1.
 
 `run_local_deployment` starts one ``flower-superlink`` and one ``flower-supernode`` per client (insecure,
-loopback only, free ports), submits the app with ``flwr run <app> <connection> --stream`` through a private
+loopback only, free ports), each SuperNode in ``--isolation process`` mode with one long-lived ClientApp process
+beside it (`fedkernels.flower.warm`: torch imported and the model prepared once per run, not once per message),
+submits the app with ``flwr run <app> <connection> --stream`` through a private
 ``FLWR_HOME``, waits for the run to end, and stops every process it started, also on errors and Ctrl-C.
 It needs no Ray. `run_in_simulation` uses `flwr.simulation.run_simulation`, which needs Ray (``flwr[simulation]``).
 """
@@ -80,10 +82,13 @@ class LocalDeployment:
     Args:
         node_configs: one ``--node-config`` dict per SuperNode (``partition-id``, ``memory-budget``...).
         workdir: folder for logs and the private ``FLWR_HOME`` (a temporary one if None).
+        warm: run each node's ClientApp in one long-lived process (`fedkernels.flower.warm`, Flower's
+            ``--isolation process``); False: Flower's default, a fresh ``flwr-clientapp`` process per message.
     """
 
     node_configs: list[dict]
     workdir: Path | None = None
+    warm: bool = True
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     control_port: int = 0
     fleet_port: int = 0
@@ -126,18 +131,30 @@ class LocalDeployment:
         return self
 
     def start_node(self, i: int, node_config: dict) -> subprocess.Popen:
+        """SuperNode ``i`` (and, when ``warm``, its long-lived ClientApp process, named ``clientapp-<i>``)."""
         pairs = " ".join(f'{k}="{v}"' if isinstance(v, str) else f"{k}={v}" for k, v in node_config.items())
-        return self._spawn(f"supernode-{i}", [
+        runtime_port = free_port()
+        node = self._spawn(f"supernode-{i}", [
             flwr_executable("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.fleet_port}",
-            "--node-config", pairs, "--host", "127.0.0.1", "--port", str(free_port()),
+            "--node-config", pairs, "--host", "127.0.0.1", "--port", str(runtime_port),
+            *(["--isolation", "process"] if self.warm else []),
         ])
+        if self.warm:
+            self._spawn(f"clientapp-{i}", [
+                sys.executable, "-m", "fedkernels.flower.warm", "--runtime-api-address", f"127.0.0.1:{runtime_port}",
+                "--parent-pid", str(node.pid),
+            ])
+        return node
 
     def kill_node(self, i: int) -> None:
         """SIGKILL SuperNode ``i`` and everything it started (its running ClientApp)."""
-        proc = self.procs[f"supernode-{i}"]
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+        for name in (f"supernode-{i}", f"clientapp-{i}"):
+            proc = self.procs.get(name)
+            if proc is None:
+                continue
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
 
     def run(self, app_dir: str | Path, run_config: dict, timeout: float = 1800.0) -> subprocess.CompletedProcess:
         """``flwr run <app_dir> loopback --stream`` with ``run_config`` overrides; returns when the run ends."""

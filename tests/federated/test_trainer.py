@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -133,8 +134,9 @@ def test_kill_minus_9_and_resume_matches_uninterrupted(tmp_path):
     c = cfg(tmp_path, "killed", rounds=4)
     cfg_file = tmp_path / "cfg.json"
     cfg_file.write_text(json.dumps(c.to_dict()))
-    env = {**os.environ, "FEDKERNELS_PAUSE_AFTER_ROUND": "2"}
-    proc = _cli(["--config", str(cfg_file)], env=env)
+    # the CLI through a test-only wrapper that sleeps after round 2's checkpoint
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("pause_cli.py")), "2", "train", "--config",
+                             str(cfg_file)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     latest = tmp_path / "killed" / "checkpoints" / "LATEST"
     deadline = time.time() + 240
     while time.time() < deadline and not (latest.exists() and latest.read_text().strip() == "round-00002"):

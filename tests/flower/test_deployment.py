@@ -1,7 +1,7 @@
 """A real Flower deployment on loopback: one flower-superlink, three flower-supernode processes, `flwr run`.
 
-Slow (about 2-3 min each on 2 cores): every train message starts a fresh `flwr-clientapp` process that imports
-torch and rebuilds the model.
+Slow (1-2 min each on 2 shared cores): each SuperNode's long-lived ClientApp process (`fedkernels.flower.warm`)
+imports torch and prepares the model once; the ServerApp does the same.
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ def _deploy_and_run(tmp_path, cfg, budgets, *, kill_node_after_round=None, round
         assert res.returncode == 0, res.stdout[-3000:] + dep.logs()
     finally:
         dep.stop()
-    assert set(dep.procs) >= {"superlink", "supernode-0", "supernode-1", "supernode-2", "flwr-run"}
+    assert set(dep.procs) >= {"superlink", "supernode-0", "supernode-1", "supernode-2", "flwr-run",
+                              "clientapp-0", "clientapp-1", "clientapp-2"}
     for name, proc in dep.procs.items():
         assert proc.poll() is not None, f"{name} still running"
     assert dep.alive() == [], "process groups with members left after stop()"
