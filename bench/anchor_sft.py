@@ -264,7 +264,7 @@ class PeftFedAvg:
 
     def run_round(self, round_idx: int, sampled: list[int]) -> dict:
         """One round: every sampled client trains, the server averages; the round's record."""
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         states, counts, clients = [], [], []
         phases = {"setup": 0.0, "train": 0.0, "upload": 0.0}
         for cid in sampled:
@@ -276,8 +276,8 @@ class PeftFedAvg:
                 phases[k] += v
         t1 = time.perf_counter()
         self.global_state = fedavg(states, counts)
-        t2 = time.perf_counter()
-        rec = {"round": round_idx, "sampled": sampled, "clients": clients, "round_s": t2 - t0,
+        t2, c2 = time.perf_counter(), time.process_time()
+        rec = {"round": round_idx, "sampled": sampled, "clients": clients, "round_s": t2 - t0, "cpu_s": c2 - c0,
                "train_s": phases["train"], "setup_s": phases["setup"], "aggregate_s": t2 - t1}
         self.history.append(rec)
         return rec
@@ -327,11 +327,11 @@ class Ours:
         """`plan_round`, the executor's local training, `finish_round` (aggregation + the trainer's own
         evaluation, which is outside the timed part), `commit_round`; as `FederatedTrainer.run` does."""
         tr = self.trainer
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         job = tr.plan_round(round_idx)
         t1 = time.perf_counter()
         outcome = tr.executor.train(job, None)
-        t2 = time.perf_counter()
+        t2, c2 = time.perf_counter(), time.process_time()
         record = tr.finish_round(job, outcome, {"plan": t1 - t0, "train": t2 - t1})
         tr.commit_round(record)
         self.plans[round_idx] = {c: dict(job.plans[c].modules) for c in job.sampled}
@@ -339,9 +339,14 @@ class Ours:
             raise RuntimeError(f"ours ({self.strategy}) round {round_idx}: clients failed: {record['failures']}")
         rec = {"round": round_idx, "sampled": list(job.sampled),
                "clients": [{"client": e["client"], "num_samples": int(len(job.indices[e["client"]])),
-                            "loss": e.get("loss"), "modules": e.get("modules"), "ranks": e.get("ranks")}
+                            "loss": e.get("loss"), "modules": e.get("modules"), "ranks": e.get("ranks"),
+                            "budget": e.get("budget"), "planned_bytes": e.get("planned_bytes")}
                            for e in record["clients"]],
                "round_s": (t2 - t0) + record["timings"]["aggregate"], "train_s": t2 - t1, "setup_s": t1 - t0,
+               # CPU seconds of planning + training, plus the aggregation's wall seconds (milliseconds of
+               # single-threaded averaging: the finish_round call around it also evaluates, so its CPU time
+               # cannot be taken as a whole)
+               "cpu_s": (c2 - c0) + record["timings"]["aggregate"],
                "aggregate_s": record["timings"]["aggregate"]}
         self.history.append(rec)
         return rec
@@ -416,6 +421,7 @@ def _side_row(name: str, strategy: str, history: list[dict], peaks: dict[int, in
     row = {
         "side": name, "strategy": strategy,
         "s_per_round": statistics.mean(round_s), "round_s": round_s,
+        "cpu_s_per_round": statistics.mean(h["cpu_s"] for h in history),
         "train_s_per_round": statistics.mean(h["train_s"] for h in history),
         "setup_s_per_round": statistics.mean(h["setup_s"] for h in history),
         "aggregate_s_per_round": statistics.mean(h["aggregate_s"] for h in history),
@@ -429,10 +435,21 @@ def _side_row(name: str, strategy: str, history: list[dict], peaks: dict[int, in
     }
     if plans is not None:
         row["plan_modules"] = {str(c): len(p) for c, p in sorted(plans.items())}
+        # the memory model's predicted peak and the budget of each client's plan, next to the measured peak
+        for key in ("planned_bytes", "budget"):
+            seen: dict[str, Any] = {}
+            for h in history:
+                for c in h["clients"]:
+                    seen.setdefault(str(c["client"]), c.get(key))
+            row[key] = dict(sorted(seen.items()))
     return row
 
 
-def run(w: Workload, strategies: list[str], *, init: str = "shared", log: Callable[[str], None] = print) -> dict:
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def run(w: Workload, strategies: list[str], *, init: str = "shared", log: Callable[[str], None] = _log) -> dict:
     """Run the comparison; the results record (see the module docstring). ``strategies``: ours, the first one
     being the like-for-like ``fedit-full`` normally; a strategy whose trainer cannot be built is reported under
     ``ours_errors`` and the peft side still runs."""
@@ -443,13 +460,19 @@ def run(w: Workload, strategies: list[str], *, init: str = "shared", log: Callab
 
     ours: dict[str, Ours] = {}
     errors: dict[str, str] = {}
+    build_s: dict[str, float] = {}  # one-off set-up before round 1, outside s/round
     for s in strategies:
         try:
+            t0 = time.perf_counter()
             ours[s] = build_ours(w, s)
+            build_s[s] = time.perf_counter() - t0
+            log(f"ours ({s}): trainer built in {build_s[s]:.1f} s (model, data, planner calibration)")
         except Exception as exc:  # noqa: BLE001 - reported in the results; the peft side is still measured
             errors[s] = f"{type(exc).__name__}: {exc}"
             log(f"ours ({s}) cannot run: {errors[s]}")
+    t0 = time.perf_counter()
     tokenizer, base = base_model(w)
+    build_s["peft"] = time.perf_counter() - t0
     standalone = standalone_split(w, tokenizer)
     split = trainer_split(next(iter(ours.values())).trainer) if ours else standalone
     same_split = {s: trainer_split(o.trainer).same_as(standalone) for s, o in ours.items()}
@@ -477,7 +500,7 @@ def run(w: Workload, strategies: list[str], *, init: str = "shared", log: Callab
                 rec = ours[name].run_round(r)
                 if rec["sampled"] != sampled:
                     raise RuntimeError(f"round {r}: ours ({name}) sampled {rec['sampled']}, this script {sampled}")
-            log(f"round {r} {name}: {rec['round_s']:.2f} s (train {rec['train_s']:.2f} s)")
+            log(f"round {r} {name}: {rec['round_s']:.2f} s (train {rec['train_s']:.2f} s, CPU {rec['cpu_s']:.2f} s)")
 
     # Memory: every client's first batch of round 1, measured on both sides in this process.
     batches = {}
@@ -501,6 +524,7 @@ def run(w: Workload, strategies: list[str], *, init: str = "shared", log: Callab
         ratios[row["strategy"]] = {
             "time": row["s_per_round"] / peft_row["s_per_round"],
             "train_time": row["train_s_per_round"] / peft_row["train_s_per_round"],
+            "cpu_time": row["cpu_s_per_round"] / peft_row["cpu_s_per_round"],
             "memory_max": row["peak_mib_max"] / peft_row["peak_mib_max"],
             "memory_mean": row["peak_mib_mean"] / peft_row["peak_mib_mean"],
             "rougeL_diff": (row["rougeL"] - peft_row["rougeL"]) if row["rougeL"] is not None else None,
@@ -517,7 +541,7 @@ def run(w: Workload, strategies: list[str], *, init: str = "shared", log: Callab
         # global adapters should agree to float rounding (a bug on either side shows up here first).
         "fedit_full_vs_peft_max_abs_diff": (_max_abs_diff(ours["fedit-full"].factors(), peft_side.factors())
                                             if like and init == "shared" else None),
-        "total_s": time.perf_counter() - t_start,
+        "build_s": build_s, "total_s": time.perf_counter() - t_start,
     }
 
 
@@ -533,18 +557,19 @@ def _fmt(v: float | None) -> str:
 
 
 def table(result: dict) -> str:
-    """The Markdown table: one row per side, ratios ours / peft."""
-    lines = ["| run | s/round | train s/round | per-client peak MiB (max / mean) | ROUGE-L | EM | held-out loss | "
-             "time ratio | memory ratio (max) | ROUGE-L diff |",
+    """The Markdown table: one row per side, ratios ours / peft (wall and CPU seconds per round, max peak)."""
+    lines = ["| run | s/round | CPU s/round | per-client peak MiB (max / mean) | ROUGE-L | EM | held-out loss | "
+             "time ratio (wall / CPU) | memory ratio (max) | ROUGE-L diff |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in result["rows"]:
         rat = result["ratios"].get(row["strategy"]) if row["side"] == "ours" else None
         name = f"ours {row['strategy']}" if row["side"] == "ours" else "peft `get_peft_model` + FedAvg"
+        ratios = (f"{rat['time']:.3f} / {rat['cpu_time']:.3f} | {rat['memory_max']:.3f} | "
+                  f"{_fmt(rat['rougeL_diff'])} |") if rat else "1 / 1 | 1 | 0 |"
         lines.append(
-            f"| {name} | {row['s_per_round']:.2f} | {row['train_s_per_round']:.2f} | "
+            f"| {name} | {row['s_per_round']:.2f} | {row['cpu_s_per_round']:.2f} | "
             f"{row['peak_mib_max']:.1f} / {row['peak_mib_mean']:.1f} | {_fmt(row['rougeL'])} | "
-            f"{_fmt(row['exact_match'])} | {row['eval_loss']:.4f} | "
-            + (f"{rat['time']:.3f} | {rat['memory_max']:.3f} | {_fmt(rat['rougeL_diff'])} |" if rat else "1 | 1 | 0 |"))
+            f"{_fmt(row['exact_match'])} | {row['eval_loss']:.4f} | " + ratios)
     return "\n".join(lines)
 
 

@@ -31,6 +31,7 @@ def test_quick_json_has_both_sides_and_the_ratios(quick):
     ratio = saved["ratios"]["fedit-full"]
     ours, peft = saved["rows"]
     assert ratio["time"] == pytest.approx(ours["s_per_round"] / peft["s_per_round"])
+    assert ratio["cpu_time"] == pytest.approx(ours["cpu_s_per_round"] / peft["cpu_s_per_round"])
     assert ratio["memory_max"] == pytest.approx(ours["peak_mib_max"] / peft["peak_mib_max"])
     assert ratio["rougeL_diff"] == pytest.approx(ours["rougeL"] - peft["rougeL"])
     assert "| ours fedit-full |" in anchor_sft.table(result)
