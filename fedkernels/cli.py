@@ -224,7 +224,8 @@ def _compare_and_report(cfg, strategies, partitions, seeds, out: Path, dataset=N
 
     runs = compare(cfg, strategies, partitions, seeds, progress=sys.stderr.isatty(), dataset=dataset)
     rows = summarise(runs)
-    table = Table(title=f"final held-out accuracy, mean ± std over {len(seeds)} seed(s)")
+    metric = next(iter(runs.values())).metric  # the task's headline metric (accuracy, or ROUGE-L)
+    table = Table(title=f"final held-out {metric}, mean ± std over {len(seeds)} seed(s)")
     table.add_column("strategy")
     for p in partitions:
         table.add_column(p, justify="right")
@@ -233,7 +234,7 @@ def _compare_and_report(cfg, strategies, partitions, seeds, out: Path, dataset=N
         cells = []
         for p in partitions:
             row = next(r for r in rows if r["strategy"] == s and r["partition"] == p)
-            cells.append(f"{100 * row['accuracy_mean']:.1f} ± {100 * row['accuracy_std']:.1f}")
+            cells.append(f"{100 * row[f'{metric}_mean']:.1f} ± {100 * row[f'{metric}_std']:.1f}")
         up = next(r for r in rows if r["strategy"] == s)["mb_up_mean"]
         table.add_row(s, *cells, f"{up:.1f}")
     console.print(table)
