@@ -52,13 +52,21 @@ def summarise(runs: dict[tuple[str, str, int], RunSummary]) -> list[dict]:
     rows = []
     keys = sorted({(s, p) for s, p, _ in runs}, key=lambda k: (k[1], k[0]))
     for strategy, part in keys:
-        accs = [r.final_accuracy for (s, p, _), r in runs.items() if (s, p) == (strategy, part)]
-        up = [sum(h["bytes_up"] for h in r.history) for (s, p, _), r in runs.items() if (s, p) == (strategy, part)]
-        rows.append({
+        group = [r for (s, p, _), r in runs.items() if (s, p) == (strategy, part)]
+        metric = group[0].metric  # the task's headline metric: accuracy, or ROUGE-L for causal-lm
+        accs = [r.final_metric for r in group]
+        up = [sum(h["bytes_up"] for h in r.history) for r in group]
+        row = {
             "strategy": strategy, "partition": part, "seeds": len(accs),
-            "accuracy_mean": statistics.fmean(accs), "accuracy_std": statistics.pstdev(accs) if len(accs) > 1 else 0.0,
+            f"{metric}_mean": statistics.fmean(accs),
+            f"{metric}_std": statistics.pstdev(accs) if len(accs) > 1 else 0.0,
             "mb_up_mean": statistics.fmean(up) / 2**20,
-        })
+        }
+        # per-task generation scores of the last round (rougeL/<task>, exact_match/<task>), mean over seeds
+        last = [r.history[-1] for r in group if r.history]
+        for k in sorted({k for h in last for k in h if "/" in k and k.split("/")[0] in ("rougeL", "exact_match")}):
+            row[k] = statistics.fmean(h[k] for h in last if k in h)
+        rows.append(row)
     return rows
 
 
@@ -71,8 +79,8 @@ def write_table_csv(rows: list[dict], path: Path) -> None:
 
 
 def plot_runs(runs: dict[tuple[str, str, int], RunSummary], path: Path) -> Path:
-    """Left: mean held-out accuracy vs round per strategy (first partition). Right: clients x layers heat
-    maps of each strategy's allocation."""
+    """Left: mean held-out headline metric (accuracy, or ROUGE-L) vs round per strategy (first partition).
+    Right: clients x layers heat maps of each strategy's allocation."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -84,14 +92,16 @@ def plot_runs(runs: dict[tuple[str, str, int], RunSummary], path: Path) -> Path:
     fig, axes = plt.subplots(1, 1 + len(strategies), figsize=(4.5 * (1 + len(strategies)), 4),
                              gridspec_kw={"width_ratios": [1.6] + [1] * len(strategies)})
     ax = axes[0]
+    metric = next(iter(runs.values())).metric  # generation metrics exist only on eval_every rounds: plot those
     for s in strategies:
-        curves = [[h["accuracy"] for h in r.history] for (ss, p, _), r in runs.items() if ss == s and p == part]
+        curves = [[(h["round"], h[metric]) for h in r.history if metric in h]
+                  for (ss, p, _), r in runs.items() if ss == s and p == part]
         n = min(len(c) for c in curves)
-        mean = np.mean([c[:n] for c in curves], axis=0)
-        ax.plot(range(1, n + 1), mean, marker="o", label=s)
+        mean = np.mean([[v for _, v in c[:n]] for c in curves], axis=0)
+        ax.plot([rnd for rnd, _ in curves[0][:n]], mean, marker="o", label=s)
     ax.set_xlabel("round")
-    ax.set_ylabel("held-out accuracy")
-    ax.set_title(f"accuracy vs round ({part})")
+    ax.set_ylabel(f"held-out {metric}")
+    ax.set_title(f"{metric} vs round ({part})")
     ax.grid(alpha=0.3)
     ax.legend()
     for ax, s in zip(axes[1:], strategies, strict=True):

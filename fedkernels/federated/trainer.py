@@ -51,6 +51,10 @@ class RunSummary:
     metric: str = "accuracy"
     final_metric: float = float("nan")
 
+    def __post_init__(self) -> None:
+        if self.metric == "accuracy" and math.isnan(self.final_metric):  # a summary built with accuracy only
+            self.final_metric = self.final_accuracy
+
 
 def last_metric(history: list[dict], name: str) -> float:
     """The latest value of ``name`` in the metrics records (generation metrics are not in every round's)."""
