@@ -541,6 +541,8 @@ def run(w: Workload, strategies: list[str], *, init: str = "shared", log: Callab
         # global adapters should agree to float rounding (a bug on either side shows up here first).
         "fedit_full_vs_peft_max_abs_diff": (_max_abs_diff(ours["fedit-full"].factors(), peft_side.factors())
                                             if like and init == "shared" else None),
+        # the scale to read it against: the largest change of any adapter entry over the run (peft side)
+        "peft_max_abs_update": _max_abs_diff(peft_side.factors(), start_peft),
         "build_s": build_s, "total_s": time.perf_counter() - t_start,
     }
 
@@ -600,7 +602,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(table(result))
     if result["fedit_full_vs_peft_max_abs_diff"] is not None:
         print(f"fedit-full vs peft FedAvg: global adapters differ by at most "
-              f"{result['fedit_full_vs_peft_max_abs_diff']:.3g}")
+              f"{result['fedit_full_vs_peft_max_abs_diff']:.3g} (largest update of an entry over the run: "
+              f"{result['peft_max_abs_update']:.3g})")
     for s, e in result["ours_errors"].items():
         print(f"ours ({s}) did not run: {e}")
     print(f"results: {out} ({result['total_s']:.0f} s)")
