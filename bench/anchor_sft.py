@@ -282,6 +282,12 @@ class PeftFedAvg:
         self.history.append(rec)
         return rec
 
+    def warm_up(self, batch: dict) -> None:
+        """One untimed forward + backward on a throwaway client model (first-call costs off the timed rounds)."""
+        model = self.client_model(self.global_state)
+        model.train()
+        self.task.loss(model, batch).backward()
+
     def evaluate(self) -> dict[str, float]:
         model = self.client_model(self.global_state)
         return self.task.evaluate(model, self.split.data, self.split.test_idx, generate=True)
@@ -367,6 +373,22 @@ class Ours:
         load_adapter_state(tr.layers, tr.global_state.factors)
         for layer in tr.layers.values():
             layer.trainable = False
+
+    def warm_up(self, task: CausalLMTask, batch: dict) -> None:
+        """One untimed forward + backward with every adapter trainable, no optimizer step; gradients, flags and
+        the torch RNG state are put back, so the run is the one it would have been without it."""
+        tr = self.trainer
+        rng = torch.get_rng_state()
+        flags = [(p, p.requires_grad) for p in tr.model.parameters()]
+        for layer in tr.layers.values():
+            layer.trainable = True
+        tr.model.train()
+        task.loss(tr.model, batch).backward()
+        tr.model.eval()
+        for p, f in flags:
+            p.grad = None
+            p.requires_grad_(f)
+        torch.set_rng_state(rng)
 
     def evaluate(self, task: CausalLMTask, split: Split) -> dict[str, float]:
         self._load_global()
@@ -487,6 +509,13 @@ def run(w: Workload, strategies: list[str], *, init: str = "shared", log: Callab
     start_peft = peft_side.factors(peft_side.initial_state)
     log(f"data: {len(split.data)} rows ({split.data.dropped} dropped at seq_len {w.seq_len}), "
         f"{len(split.test_idx)} held out, client rows {[len(c) for c in split.client_indices]}")
+
+    # First calls (allocator growth, kernel selection) cost ~3 s on SmolLM2 here: whichever side went first in
+    # round 1 was that much slower than in round 2. Warm every side up once, untimed.
+    probe = split.data.batch(step_indices(split.client_indices[0], 0, w.batch_size))
+    for o in ours.values():
+        o.warm_up(task, probe)
+    peft_side.warm_up(probe)
 
     # Rounds interleaved (ours..., peft; then the next round in the reverse order) so that a slow phase of the
     # shared 2-core machine (+-30 % minute to minute) falls on both sides.
