@@ -20,6 +20,7 @@ from fedkernels.federated.suite import (
     paired_interval,
     run_suite,
     summary_rows,
+    worker,
     write_reports,
 )
 
@@ -92,6 +93,7 @@ def test_quick_suite_resumes_a_killed_run_skips_finished_ones_and_reports(tmp_pa
     try:
         wait_for(killed.folder / "checkpoints" / "LATEST")
         time.sleep(0.5)
+        assert worker(killed.folder) == 3  # the folder is locked by the live worker: no second writer
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -140,3 +142,18 @@ def test_quick_suite_resumes_a_killed_run_skips_finished_ones_and_reports(tmp_pa
     assert (tmp_path / "cli" / "suite-quick.md").is_file()
     bad = CliRunner().invoke(app, ["compare", "--suite", "nope", "--report-only"])
     assert bad.exit_code == 2 and "no such suite" in bad.output
+
+
+def test_compare_plot_stays_readable_with_eight_strategies(tmp_path):
+    """The old one-row layout made an 8-strategy PNG 3146 px wide; the grid keeps it under 1800 px."""
+    from fedkernels.federated.compare import plot_runs
+    from fedkernels.federated.config import STRATEGIES
+    from fedkernels.federated.trainer import RunSummary
+
+    runs = {}
+    for i, s in enumerate(STRATEGIES):
+        history = [{"accuracy": 0.2 + 0.1 * r + 0.01 * i} for r in range(4)]
+        alloc = [[float((c + layer + i) % 2) for layer in range(6)] for c in range(20)]
+        runs[(s, "iid", 0)] = RunSummary(4, history[-1]["accuracy"], 0.0, history, tmp_path, None, alloc)
+    w, h = png_size(plot_runs(runs, tmp_path / "compare.png"))
+    assert len(STRATEGIES) == 8 and w < 1800 and h < 1800, (w, h)
