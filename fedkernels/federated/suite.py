@@ -539,8 +539,31 @@ def markdown(protocol: SuiteProtocol, results: list[RunResult], rows: list[dict]
                 cells.append(f"{_pct(r['diff_mean'], True)} [{_pct(r['diff_lo'], True)}, {_pct(r['diff_hi'], True)}]")
         if any(cells):
             lines.append(f"| {e.label} | " + " | ".join(cells) + " |")
+    lines += ["", "## Plateau check: accuracy per 5-round window", "",
+              "Mean held-out accuracy (%) over the window's rounds and the seeds logged so far (unfinished runs "
+              "included, marked *), to check that the last rounds are on the plateau.", "", *window_lines(protocol,
+                                                                                                             results)]
     lines += ["", "## Where the time goes", "", *timing_lines(results), ""]
     return "\n".join(lines)
+
+
+def window_lines(protocol: SuiteProtocol, results: list[RunResult], width: int = 5) -> list[str]:
+    rounds = protocol.base["rounds"]
+    edges = [(lo, min(lo + width - 1, rounds)) for lo in range(1, rounds + 1, width)]
+    out = ["| strategy | partition | " + " | ".join(f"{a}-{b}" for a, b in edges) + " |",
+           "|---|---|" + "---:|" * len(edges)]
+    for part in protocol.partitions:
+        for e in protocol.entries:
+            runs = [r for r in results if r.spec.entry.label == e.label and r.spec.partition == part]
+            if not runs:
+                continue
+            cells = []
+            for a, b in edges:
+                accs = [h["accuracy"] for r in runs for h in r.history if a <= h["round"] <= b]
+                cells.append(_pct(statistics.fmean(accs)) if accs else "")
+            star = "" if all(r.finished for r in runs) else " *"
+            out.append(f"| {e.label}{star} | {part} | " + " | ".join(cells) + " |")
+    return out
 
 
 def timing_lines(results: list[RunResult]) -> list[str]:
