@@ -141,7 +141,7 @@ def _draw_heatmaps(fig, axes, maps: dict, order: list[str]) -> None:
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.tick_params(labelsize=7)
     if im is not None:
-        fig.colorbar(im, ax=axes, shrink=0.6, label="trained share of the layer's LoRA (rank-weighted)")
+        fig.colorbar(im, ax=axes, shrink=0.6, label="trained share (rank-weighted)")
 
 
 def _save(fig, path: Path) -> Path:
@@ -191,15 +191,19 @@ def plot_allocation_grid(maps: dict[str, list[list[float]]], order: list[str], p
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    order = [s for s in order if s in maps] + [s for s in order if s not in maps]
+    missing = [s for s in order if s not in maps]
+    order = [s for s in order if s in maps] or order[:1]  # a partial suite: panels only for what has run
+    if missing:
+        title = f"{title}\nnot run yet: " + ",\n".join(
+            ", ".join(missing[i:i + 4]) for i in range(0, len(missing), 4))
     ncols = max(1, min(ncols, len(order)))
     nrows = math.ceil(len(order) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.3 * ncols + 1.2, 2.9 * nrows + 0.5), squeeze=False,
+    fig, axes = plt.subplots(nrows, ncols, figsize=(max(3.3 * ncols + 1.2, 9.0), 2.9 * nrows + 0.5), squeeze=False,
                              layout="constrained")
     flat = list(axes.flat)
     _draw_heatmaps(fig, flat[:len(order)], maps, order)
     for ax in flat[len(order):]:
         ax.set_axis_off()
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title, fontsize=10)
     return _save(fig, path)
