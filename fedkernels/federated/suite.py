@@ -314,14 +314,15 @@ def _sigterm_as_interrupt() -> None:
         signal.signal(signal.SIGTERM, handler)
 
 
-def _launch(spec: RunSpec, env: dict[str, str]) -> tuple[subprocess.Popen, Any]:
+def _launch(spec: RunSpec, env: dict[str, str], entry: list[str] | None = None) -> tuple[subprocess.Popen, Any]:
+    """Start the worker of ``spec`` (``entry``: the command before the folder argument; tests pass a wrapper)."""
     from fedkernels.io import atomic_write_json
 
     spec.folder.mkdir(parents=True, exist_ok=True)
     atomic_write_json(spec.folder / INTENDED, spec.config.to_dict())
     fh = (spec.folder / "worker.log").open("a")
-    proc = subprocess.Popen([sys.executable, "-m", "fedkernels.federated.suite", "worker", str(spec.folder)],
-                            stdout=fh, stderr=subprocess.STDOUT, env=env)
+    entry = entry or [sys.executable, "-m", "fedkernels.federated.suite", "worker"]
+    proc = subprocess.Popen([*entry, str(spec.folder)], stdout=fh, stderr=subprocess.STDOUT, env=env)
     return proc, fh
 
 

@@ -4,7 +4,9 @@ import json
 import os
 import signal
 import struct
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -89,7 +91,8 @@ def test_quick_suite_resumes_a_killed_run_skips_finished_ones_and_reports(tmp_pa
     assert len(specs) == 4
     killed = specs[0]
     # a worker that holds still after round 1's checkpoint, then dies by SIGKILL (no clean-up at all)
-    proc, fh = _launch(killed, {**os.environ, "OMP_NUM_THREADS": "1", "FEDKERNELS_PAUSE_AFTER_ROUND": "1"})
+    pause = [sys.executable, str(Path(__file__).with_name("pause_suite_worker.py")), "1"]
+    proc, fh = _launch(killed, {**os.environ, "OMP_NUM_THREADS": "1"}, entry=pause)
     try:
         wait_for(killed.folder / "checkpoints" / "LATEST")
         time.sleep(0.5)
