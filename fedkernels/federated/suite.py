@@ -485,6 +485,14 @@ def _pct(x: float, signed: bool = False) -> str:
     return f"{100 * x:+.1f}" if signed else f"{100 * x:.1f}"
 
 
+def _entry_cells(protocol, parts: list[str], cell: dict, fmt):
+    """(entry, one cell per partition) for each protocol entry with any result: ``fmt(row)``, "" where none."""
+    for e in protocol.entries:
+        cells = [fmt(r) if (r := cell.get((e.label, p))) is not None else "" for p in parts]
+        if any(cells):
+            yield e, cells
+
+
 def markdown(protocol: SuiteProtocol, results: list[RunResult], rows: list[dict], *, command: str = "",
              elapsed_s: float | None = None) -> str:
     total = len(protocol.runs("."))
@@ -507,19 +515,14 @@ def markdown(protocol: SuiteProtocol, results: list[RunResult], rows: list[dict]
     lines += ["## Mean ± std over seeds", "",
               "| strategy | " + " | ".join(parts) + " | MiB up / run |",
               "|---|" + "---:|" * (len(parts) + 1)]
-    for e in protocol.entries:
-        cells = []
-        for p in parts:
-            r = cell.get((e.label, p))
-            if r is None:
-                cells.append("")
-                continue
-            n = "" if r["seeds"] == len(protocol.seeds) else f" (n={r['seeds']})"
-            cells.append(f"{_pct(r['accuracy_mean'])} ± {_pct(r['accuracy_std'])}{n}")
+    def spread(r: dict) -> str:
+        n = "" if r["seeds"] == len(protocol.seeds) else f" (n={r['seeds']})"
+        return f"{_pct(r['accuracy_mean'])} ± {_pct(r['accuracy_std'])}{n}"
+
+    for e, cells in _entry_cells(protocol, parts, cell, spread):
         ups = [r["mib_up_mean"] for p in parts if (r := cell.get((e.label, p)))]
-        if any(cells):
-            name = e.label + (" (upper bound, ignores budgets)" if e.reference else "") + (" (ours)" if e.ours else "")
-            lines.append(f"| {name} | " + " | ".join(cells) + f" | {statistics.fmean(ups):.1f} |")
+        name = e.label + (" (upper bound, ignores budgets)" if e.reference else "") + (" (ours)" if e.ours else "")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {statistics.fmean(ups):.1f} |")
     lines += ["", "## Paired difference to the best seed method (points, 95 % t-interval over seeds)", "",
               "The best seed method per partition is the highest mean among budget-respecting paper methods "
               "(fedit-full is excluded: it ignores the memory budgets). Interval: mean of per-seed differences "
@@ -528,18 +531,14 @@ def markdown(protocol: SuiteProtocol, results: list[RunResult], rows: list[dict]
     best_row = "| best seed method | " + " | ".join(
         next((r["best_seed_method"] for r in rows if r["partition"] == p), "") for p in parts) + " |"
     lines.append(best_row)
-    for e in protocol.entries:
-        cells = []
-        for p in parts:
-            r = cell.get((e.label, p))
-            if r is None:
-                cells.append("")
-            elif r["entry"] == r["best_seed_method"]:
-                cells.append("best")
-            else:
-                cells.append(f"{_pct(r['diff_mean'], True)} [{_pct(r['diff_lo'], True)}, {_pct(r['diff_hi'], True)}]")
-        if any(cells):
-            lines.append(f"| {e.label} | " + " | ".join(cells) + " |")
+
+    def difference(r: dict) -> str:
+        if r["entry"] == r["best_seed_method"]:
+            return "best"
+        return f"{_pct(r['diff_mean'], True)} [{_pct(r['diff_lo'], True)}, {_pct(r['diff_hi'], True)}]"
+
+    for e, cells in _entry_cells(protocol, parts, cell, difference):
+        lines.append(f"| {e.label} | " + " | ".join(cells) + " |")
     lines += ["", "## Plateau check: accuracy per 5-round window", "",
               "Mean held-out accuracy (%) over the window's rounds and the seeds logged so far (unfinished runs "
               "included, marked *), to check that the last rounds are on the plateau.", "", *window_lines(protocol,
