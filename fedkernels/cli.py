@@ -254,21 +254,58 @@ def _compare_and_report(cfg, strategies, partitions, seeds, out: Path, dataset=N
 @app.command(context_settings=EXTRA)
 def compare(
     ctx: typer.Context,
-    strategies: str = typer.Option("fedpilot,fedit-min,fedra", help="Comma-separated strategy presets."),
-    partition: str = typer.Option("dirichlet:0.5", "--partition", help="Comma-separated partitions."),
-    seeds: int = typer.Option(1, help="Seeds 0..N-1 per strategy and partition."),
+    strategies: str = typer.Option(None, help="Comma-separated strategy presets (default fedpilot,fedit-min,fedra); "
+                                   "with --suite: a subset of the suite's entries."),
+    partition: str = typer.Option(None, "--partition", help="Comma-separated partitions (default dirichlet:0.5); "
+                                  "with --suite: a subset of the suite's."),
+    seeds: int = typer.Option(None, help="Seeds 0..N-1 per strategy and partition (default 1; with --suite: the "
+                              "first N reporting seeds)."),
     config: Path = typer.Option(None, "--config", "-c"),
+    suite: str = typer.Option(None, "--suite", help="Run a fixed protocol of fedkernels.federated.suite: paper | "
+                              "quick | pilot. Resumable: finished runs are skipped, killed ones resume."),
+    root: Path = typer.Option(None, "--root", help="--suite: folder of the run folders (default runs/suite-<name>)."),
+    out: Path = typer.Option(None, "--out", help="--suite: folder for the CSV/MD/PNG reports (default --root)."),
+    jobs: int = typer.Option(1, "--jobs", "-j", help="--suite: run processes at once."),
+    time_budget: float = typer.Option(None, "--time-budget", help="--suite: minutes after which no new run starts."),
+    report_only: bool = typer.Option(False, "--report-only", help="--suite: only write the reports."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
-    """Compare strategies across partitions and seeds: a table, a CSV and a PNG plot."""
+    """Compare strategies across partitions and seeds: a table, a CSV and a PNG plot (or a whole --suite)."""
     _setup_logging(verbose)
+    split = (lambda text: [x.strip() for x in text.split(",") if x.strip()] if text else None)  # noqa: E731
     try:
+        if suite is not None:
+            _compare_suite(suite, ctx.args, config, split(strategies), split(partition), seeds, root, out, jobs,
+                           time_budget, report_only)
+            return
         cfg = _load_config(config, _pairs(ctx.args))
-        _compare_and_report(cfg, [s.strip() for s in strategies.split(",") if s.strip()],
-                            [p.strip() for p in partition.split(",") if p.strip()], list(range(seeds)),
-                            Path(cfg.output_dir))
+        _compare_and_report(cfg, split(strategies) or ["fedpilot", "fedit-min", "fedra"],
+                            split(partition) or ["dirichlet:0.5"], list(range(seeds or 1)), Path(cfg.output_dir))
     except (FedKernelsError, ValueError) as exc:
         _fail(exc)
+
+
+def _compare_suite(name, extra, config, entries, partitions, seeds, root, out, jobs, time_budget, report_only):
+    import shlex
+
+    from fedkernels.federated.suite import PROTOCOLS, run_suite, write_reports
+
+    if name not in PROTOCOLS:
+        raise FedKernelsError(f"--suite {name!r}: no such suite; suites: {', '.join(PROTOCOLS)}")
+    if extra or config is not None:
+        raise FedKernelsError(f"--suite {name}: the protocol is fixed; drop --config/overrides {extra}")
+    protocol = PROTOCOLS[name]
+    protocol = protocol.restrict(entries=entries, partitions=partitions,
+                                 seeds=list(protocol.seeds[:seeds]) if seeds else None)
+    root = root or Path(f"runs/suite-{name}")
+    if not report_only:
+        outcome = run_suite(protocol, root, jobs=jobs, time_budget_s=time_budget * 60 if time_budget else None,
+                            echo=console.print)
+        counts = {k: sum(v == k for v in outcome.values()) for k in sorted(set(outcome.values()))}
+        console.print(f"suite {name}: {counts}")
+    command = "fedkernels compare " + shlex.join(a for a in sys.argv[2:] if a != "--report-only")
+    for kind, path in write_reports(PROTOCOLS[name], root, out or root, command=command).items():
+        console.print(f"{kind}: {path}")
 
 
 # `fedkernels demo --task instruct`: SmolLM2-135M-Instruct on the bundled instruct-mix (BBC headline, BBC topic,
