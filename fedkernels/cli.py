@@ -309,12 +309,12 @@ def _compare_suite(name, extra, config, entries, partitions, seeds, root, out, j
 
 
 # `fedkernels demo --task instruct`: SmolLM2-135M-Instruct on the bundled instruct-mix (BBC headline, BBC topic,
-# tweet sentiment), one task per client, in at most 15 minutes on 2 CPU cores. Sizes, measured (README): one LoRA
-# step of SmolLM2 costs ~3.5 s per 128 tokens on a loaded 2-core machine, and the memory model's calibration is
-# 37 such steps, done once for the four strategies; so batch 1 x 128 tokens (1 of 1200 instruct-mix rows does not
-# fit), 3 local steps, 3 of 6 clients per round, 2 rounds, generation scored on 8 held-out rows per task at the
-# end. The tiers alternate so that each task is held by clients of two different tiers (with tiers i % 3 and tasks
-# i % 3 every task would sit in one tier).
+# tweet sentiment), one task per client. Measured on the shared 2-core machine at load average ~5: 28.6 min for the
+# four strategies (memory-model calibration, 37 steps, ~4 min once thanks to the planner's per-process cache; a
+# round's 3 clients x 3 steps of 1 x 128 tokens plus their memory measurements ~85-195 s; eval 23-117 s with
+# generation), i.e. about 2.5 cores' worth of contention over the 15-minute target. Batch 1 x 128 tokens: 1 of
+# the 300 rows is dropped (at 96 tokens 262 of 600 were). The tiers alternate so that each task is held by
+# clients of two different tiers (with tiers i % 3 and tasks i % 3 every task would sit in one tier).
 INSTRUCT_DEMO = {
     "model": "smollm2-135m", "dataset": "instruct-mix", "task": "causal-lm", "partition": "task",
     "num_clients": 6, "fraction": 0.5, "rounds": 2, "local_steps": 3, "batch_size": 1, "seq_len": 128,
