@@ -254,30 +254,67 @@ def _compare_and_report(cfg, strategies, partitions, seeds, out: Path, dataset=N
 @app.command(context_settings=EXTRA)
 def compare(
     ctx: typer.Context,
-    strategies: str = typer.Option("fedpilot,fedit-min,fedra", help="Comma-separated strategy presets."),
-    partition: str = typer.Option("dirichlet:0.5", "--partition", help="Comma-separated partitions."),
-    seeds: int = typer.Option(1, help="Seeds 0..N-1 per strategy and partition."),
+    strategies: str = typer.Option(None, help="Comma-separated strategy presets (default fedpilot,fedit-min,fedra); "
+                                   "with --suite: a subset of the suite's entries."),
+    partition: str = typer.Option(None, "--partition", help="Comma-separated partitions (default dirichlet:0.5); "
+                                  "with --suite: a subset of the suite's."),
+    seeds: int = typer.Option(None, help="Seeds 0..N-1 per strategy and partition (default 1; with --suite: the "
+                              "first N reporting seeds)."),
     config: Path = typer.Option(None, "--config", "-c"),
+    suite: str = typer.Option(None, "--suite", help="Run a fixed protocol of fedkernels.federated.suite: paper | "
+                              "quick | pilot. Resumable: finished runs are skipped, killed ones resume."),
+    root: Path = typer.Option(None, "--root", help="--suite: folder of the run folders (default runs/suite-<name>)."),
+    out: Path = typer.Option(None, "--out", help="--suite: folder for the CSV/MD/PNG reports (default --root)."),
+    jobs: int = typer.Option(1, "--jobs", "-j", help="--suite: run processes at once."),
+    time_budget: float = typer.Option(None, "--time-budget", help="--suite: minutes after which no new run starts."),
+    report_only: bool = typer.Option(False, "--report-only", help="--suite: only write the reports."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
-    """Compare strategies across partitions and seeds: a table, a CSV and a PNG plot."""
+    """Compare strategies across partitions and seeds: a table, a CSV and a PNG plot (or a whole --suite)."""
     _setup_logging(verbose)
+    split = (lambda text: [x.strip() for x in text.split(",") if x.strip()] if text else None)  # noqa: E731
     try:
+        if suite is not None:
+            _compare_suite(suite, ctx.args, config, split(strategies), split(partition), seeds, root, out, jobs,
+                           time_budget, report_only)
+            return
         cfg = _load_config(config, _pairs(ctx.args))
-        _compare_and_report(cfg, [s.strip() for s in strategies.split(",") if s.strip()],
-                            [p.strip() for p in partition.split(",") if p.strip()], list(range(seeds)),
-                            Path(cfg.output_dir))
+        _compare_and_report(cfg, split(strategies) or ["fedpilot", "fedit-min", "fedra"],
+                            split(partition) or ["dirichlet:0.5"], list(range(seeds or 1)), Path(cfg.output_dir))
     except (FedKernelsError, ValueError) as exc:
         _fail(exc)
 
 
+def _compare_suite(name, extra, config, entries, partitions, seeds, root, out, jobs, time_budget, report_only):
+    import shlex
+
+    from fedkernels.federated.suite import PROTOCOLS, run_suite, write_reports
+
+    if name not in PROTOCOLS:
+        raise FedKernelsError(f"--suite {name!r}: no such suite; suites: {', '.join(PROTOCOLS)}")
+    if extra or config is not None:
+        raise FedKernelsError(f"--suite {name}: the protocol is fixed; drop --config/overrides {extra}")
+    protocol = PROTOCOLS[name]
+    protocol = protocol.restrict(entries=entries, partitions=partitions,
+                                 seeds=list(protocol.seeds[:seeds]) if seeds else None)
+    root = root or Path(f"runs/suite-{name}")
+    if not report_only:
+        outcome = run_suite(protocol, root, jobs=jobs, time_budget_s=time_budget * 60 if time_budget else None,
+                            echo=console.print)
+        counts = {k: sum(v == k for v in outcome.values()) for k in sorted(set(outcome.values()))}
+        console.print(f"suite {name}: {counts}")
+    command = "fedkernels compare " + shlex.join(a for a in sys.argv[2:] if a != "--report-only")
+    for kind, path in write_reports(PROTOCOLS[name], root, out or root, command=command).items():
+        console.print(f"{kind}: {path}")
+
+
 # `fedkernels demo --task instruct`: SmolLM2-135M-Instruct on the bundled instruct-mix (BBC headline, BBC topic,
-# tweet sentiment), one task per client, in at most 15 minutes on 2 CPU cores. Sizes, measured (README): one LoRA
-# step of SmolLM2 costs ~3.5 s per 128 tokens on a loaded 2-core machine, and the memory model's calibration is
-# 37 such steps, done once for the four strategies; so batch 1 x 128 tokens (1 of 1200 instruct-mix rows does not
-# fit), 3 local steps, 3 of 6 clients per round, 2 rounds, generation scored on 8 held-out rows per task at the
-# end. The tiers alternate so that each task is held by clients of two different tiers (with tiers i % 3 and tasks
-# i % 3 every task would sit in one tier).
+# tweet sentiment), one task per client. Measured on the shared 2-core machine at load average ~5: 28.6 min for the
+# four strategies (memory-model calibration, 37 steps, ~4 min once thanks to the planner's per-process cache; a
+# round's 3 clients x 3 steps of 1 x 128 tokens plus their memory measurements ~85-195 s; eval 23-117 s with
+# generation), i.e. about 2.5 cores' worth of contention over the 15-minute target. Batch 1 x 128 tokens: 1 of
+# the 300 rows is dropped (at 96 tokens 262 of 600 were). The tiers alternate so that each task is held by
+# clients of two different tiers (with tiers i % 3 and tasks i % 3 every task would sit in one tier).
 INSTRUCT_DEMO = {
     "model": "smollm2-135m", "dataset": "instruct-mix", "task": "causal-lm", "partition": "task",
     "num_clients": 6, "fraction": 0.5, "rounds": 2, "local_steps": 3, "batch_size": 1, "seq_len": 128,

@@ -14,6 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from fedkernels.errors import AdapterFormatError, NonFiniteError
+from solvers.errors import os_error_naming
 
 __all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_save_safetensors", "load_safetensors", "fsync_dir",
            "sha256_file", "TEMP_GLOB"]
@@ -48,9 +49,11 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError):  # a full disk names no file: say which one we were writing
+            raise os_error_naming(exc, path) from exc
         raise
     fsync_dir(path.parent)
 
@@ -79,9 +82,11 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.Pat
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError):  # a full disk names no file: say which one we were writing
+            raise os_error_naming(exc, path) from exc
         raise
     fsync_dir(path.parent)
 

@@ -18,6 +18,12 @@ is the lowest trained module, the segments before it are not kept (algorithms.md
 * Padded batches (``padded=True``): each block also saves the ``[b, 1, s, s]`` SDPA mask, and Llama's
   keys/values are expanded to all heads (``repeat_kv``) before the masked call.
 * Sequence-classification heads of GPT-2/Llama run ``score`` on every position: its input (T h e) is saved.
+
+The modules' shapes and the parameter count come from the model's layout. For a preset name they are counted
+here from the hyperparameters (`_preset_layout`: no torch or transformers import, so ``plan --model llama-7b``
+starts in well under a second); for any other config a meta-device transformers model is built and walked
+(`_model_layout`). tests/solvers/test_analytic_presets.py checks that both give the same memory model for
+every preset, so the table cannot drift from transformers.
 """
 
 from __future__ import annotations
@@ -25,13 +31,15 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from solvers.errors import ProblemError
 from solvers.memspec import ModuleSpec, dtype_bytes, dtype_name, kind_of, opt_scalar_bytes, opt_states
 
-__all__ = ["PRESETS", "resolve_config", "build", "default_dtype", "BF16_FROM_PARAMS"]
+__all__ = ["PRESETS", "resolve_config", "preset_config", "build", "default_dtype", "BF16_FROM_PARAMS"]
 
 # Models of this many parameters and more are fine-tuned in bfloat16 by the people who run them (the
 # Llama/Mistral/Qwen model cards ship bf16 weights; a 7B model in fp32 needs 27 GiB for its weights alone),
@@ -59,6 +67,22 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
                                  num_attention_heads=32, num_key_value_heads=8, vocab_size=128256)),
     "tinyllama-1.1b": ("llama", dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                                      num_attention_heads=32, num_key_value_heads=4, vocab_size=32000)),
+}
+
+# The transformers defaults of each preset family's config class, for the fields a preset leaves out: the
+# dataclass field defaults of BertConfig, GPT2Config and LlamaConfig in transformers 5.24.0
+# (transformers/models/{bert,gpt2,llama}/configuration_{bert,gpt2,llama}.py). Only the fields that shape the
+# parameters and buffers are listed; None is what the config class derives (GPT-2 n_inner -> 4 n_embd;
+# Llama num_key_value_heads -> num_attention_heads, head_dim -> hidden_size / num_attention_heads).
+_CONFIG_DEFAULTS: dict[str, dict[str, Any]] = {
+    "bert": dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                 intermediate_size=3072, max_position_embeddings=512, type_vocab_size=2, tie_word_embeddings=True,
+                 use_cache=True),
+    "gpt2": dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12, n_inner=None,
+                 tie_word_embeddings=True, use_cache=True),
+    "llama": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=None, head_dim=None, max_position_embeddings=2048,
+                  tie_word_embeddings=False, attention_bias=False, mlp_bias=False, use_cache=True),
 }
 
 _FAMILY = {"bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "gpt2": "gpt2",
@@ -131,41 +155,151 @@ def _suffix(name: str, fam: str) -> str | None:
     return None
 
 
+_TASKS = ("classification", "causal-lm")
+
+
+def preset_config(name: str) -> SimpleNamespace:
+    """The hyperparameters of preset `name`: its overrides on the family's transformers defaults (no import)."""
+    key = str(name).lower()
+    if key not in PRESETS:
+        raise ProblemError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+    mt, kw = PRESETS[key]
+    return SimpleNamespace(model_type=mt, **{**_CONFIG_DEFAULTS[mt], **kw})
+
+
+def _dims(cfg: Any) -> dict[str, int]:
+    """The sizes the memory terms use, from a transformers config or a preset's hyperparameters."""
+    h = int(getattr(cfg, "hidden_size", getattr(cfg, "n_embd", 0)))
+    heads = int(getattr(cfg, "num_attention_heads", getattr(cfg, "n_head", 1)))
+    head_dim = int(getattr(cfg, "head_dim", None) or h // heads)
+    return {"h": h, "heads": heads, "head_dim": head_dim,
+            "f": int(getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * h),
+            "kv": int(getattr(cfg, "num_key_value_heads", None) or heads) * head_dim,
+            "nb": int(getattr(cfg, "num_hidden_layers", getattr(cfg, "n_layer", 0))),
+            "vocab": int(cfg.vocab_size), "use_cache": int(bool(getattr(cfg, "use_cache", True)))}
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """What `build` needs from the model itself: the adaptable linears and the parameter and buffer totals."""
+
+    linears: tuple[tuple[str, int, int], ...]  # (module name, in features, out features), in named_modules order
+    num_params: int
+    buffer_bytes: int
+    head_params: int  # the classification head's (``classifier`` / ``score``) parameters; 0 for a causal LM
+
+
 def _meta_model(cfg, task: str) -> Any:
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    cls = {"classification": AutoModelForSequenceClassification, "causal-lm": AutoModelForCausalLM}.get(task)
-    if cls is None:
-        raise ProblemError(f"unknown task {task!r}; expected 'classification' or 'causal-lm'")
+    cls = {"classification": AutoModelForSequenceClassification, "causal-lm": AutoModelForCausalLM}[task]
     with torch.device("meta"):
         return cls.from_config(cfg)
 
 
-def build(cls, config: Any, *, batch_size: int, seq_len: int, rank: int, targets: Sequence[str] | None,
-          task: str, dtype: str | None, optimizer: str, num_labels: int, rank_scaling: bool, padded: bool = False):
+def _model_layout(model: Any, fam: str, task: str) -> _Layout:
+    """The layout of a (meta-device) transformers model, read module by module."""
     from torch import nn
 
+    linears = []
+    for name, mod in model.named_modules():
+        w = getattr(mod, "weight", None)
+        if _suffix(name, fam) is None or w is None or w.dim() != 2:
+            continue
+        d_in, d_out = (int(w.shape[1]), int(w.shape[0])) if isinstance(mod, nn.Linear) else (
+            int(w.shape[0]), int(w.shape[1]))  # transformers Conv1D stores [in, out]
+        linears.append((name, d_in, d_out))
+    head = sum(p.numel() for n, p in model.named_parameters()
+               if n.startswith(("classifier", "score"))) if task == "classification" else 0
+    return _Layout(linears=tuple(linears), num_params=sum(p.numel() for p in model.parameters()),
+                   buffer_bytes=sum(buf.numel() * buf.element_size() for buf in model.buffers()),
+                   head_params=int(head))
+
+
+def _preset_layout(hp: Any, fam: str, task: str, num_labels: int) -> _Layout:
+    """`_model_layout` of the model transformers 5.24.0 builds for `hp` (BertForSequenceClassification /
+    BertLMHeadModel, GPT2ForSequenceClassification / GPT2LMHeadModel, LlamaForSequenceClassification /
+    LlamaForCausalLM), counted from the hyperparameters. Tied weights count once, as ``parameters()`` does."""
+    d = _dims(hp)
+    h, f, nb, V, nl = d["h"], d["f"], d["nb"], d["vocab"], int(num_labels)
+    untied_lm_head = 0 if hp.tie_word_embeddings else V * h
+    linears: list[tuple[str, int, int]] = []
+    if fam == "bert":
+        P = int(hp.max_position_embeddings)
+        shapes = dict(zip(_ORDER[fam], ((h, h), (h, h), (h, h), (h, h), (h, f), (f, h)), strict=True))
+        for i in range(nb):
+            linears += [(f"bert.encoder.layer.{i}.{suf}", di, do) for suf, (di, do) in shapes.items()]
+        # word, position and token-type embeddings + their LayerNorm; per layer the six linears (with bias)
+        # and two LayerNorms (weight and bias each)
+        params = (V + P + int(hp.type_vocab_size)) * h + 2 * h
+        params += nb * (sum(di * do + do for di, do in shapes.values()) + 2 * 2 * h)
+        if task == "classification":
+            head = h * nl + nl  # classifier (with bias)
+            params += h * h + h + head  # + pooler dense
+        else:  # no pooler; LM head transform dense + LayerNorm, decoder bias (its weight is the word embedding)
+            head = 0
+            params += h * h + h + 2 * h + V + untied_lm_head
+        buffers = 2 * P * 8  # position_ids and token_type_ids: int64 [1, max_position_embeddings] each
+    elif fam == "gpt2":
+        P = int(hp.n_positions)
+        shapes = dict(zip(_ORDER[fam], ((h, 3 * h), (h, h), (h, f), (f, h)), strict=True))
+        for i in range(nb):
+            linears += [(f"transformer.h.{i}.{suf}", di, do) for suf, (di, do) in shapes.items()]
+        # token and position embeddings; per block four Conv1D (with bias), ln_1 and ln_2; ln_f
+        params = (V + P) * h + nb * (sum(di * do + do for di, do in shapes.values()) + 2 * 2 * h) + 2 * h
+        head = h * nl if task == "classification" else 0  # score: no bias
+        params += head if task == "classification" else untied_lm_head
+        buffers = 0
+    else:
+        q, kv = d["heads"] * d["head_dim"], d["kv"]
+        ab, mb = int(bool(hp.attention_bias)), int(bool(hp.mlp_bias))
+        shapes3 = {"q_proj": (h, q, ab), "k_proj": (h, kv, ab), "v_proj": (h, kv, ab), "o_proj": (q, h, ab),
+                   "gate_proj": (h, f, mb), "up_proj": (h, f, mb), "down_proj": (f, h, mb)}
+        for i in range(nb):
+            for suf in _ORDER[fam]:
+                sub = "mlp" if suf in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+                linears.append((f"model.layers.{i}.{sub}.{suf}", shapes3[suf][0], shapes3[suf][1]))
+        # token embeddings; per layer seven linears and two RMSNorms (weight only); the final RMSNorm
+        params = V * h + nb * (sum(di * do + bias * do for di, do, bias in shapes3.values()) + 2 * h) + h
+        head = h * nl if task == "classification" else 0  # score: no bias
+        params += head if task == "classification" else untied_lm_head
+        # rotary inv_freq and original_inv_freq: float32 [head_dim / 2] each (arange(0, head_dim, 2))
+        buffers = 2 * ((d["head_dim"] + 1) // 2) * 4
+    return _Layout(linears=tuple(linears), num_params=int(params), buffer_bytes=int(buffers), head_params=int(head))
+
+
+def _resolve(config: Any, task: str, num_labels: int) -> tuple[Any, str, _Layout]:
+    """(config or preset hyperparameters, family, layout). A preset name is counted here, with no torch or
+    transformers import; anything else is resolved by transformers and walked as a meta-device model."""
+    if isinstance(config, str | Path) and str(config).lower() in PRESETS:
+        hp = preset_config(str(config))
+        fam = _family(hp)
+        return hp, fam, _preset_layout(hp, fam, task, num_labels)
+    cfg = resolve_config(config, num_labels)
+    fam = _family(cfg)
+    return cfg, fam, _model_layout(_meta_model(cfg, task), fam, task)
+
+
+def build(cls, config: Any, *, batch_size: int, seq_len: int, rank: int, targets: Sequence[str] | None,
+          task: str, dtype: str | None, optimizer: str, num_labels: int, rank_scaling: bool, padded: bool = False):
     if int(batch_size) < 1 or int(seq_len) < 1:
         raise ProblemError(f"batch_size and seq_len must be >= 1, got {batch_size!r} and {seq_len!r}")
     if int(rank) < 1:
         raise ProblemError(f"LoRA rank must be >= 1, got {rank!r}")
-    cfg = resolve_config(config, num_labels)
-    fam = _family(cfg)
+    if task not in _TASKS:
+        raise ProblemError(f"unknown task {task!r}; expected 'classification' or 'causal-lm'")
+    cfg, fam, layout = _resolve(config, task, num_labels)
     targets = tuple(targets) if targets else _DEFAULT_TARGETS[fam]
-    model = _meta_model(cfg, task)
     if dtype is None:
-        dtype = default_dtype(sum(p.numel() for p in model.parameters()))
+        dtype = default_dtype(layout.num_params)
     e = dtype_bytes(dtype)
     states = opt_states(optimizer)
 
     b, s, R = int(batch_size), int(seq_len), int(rank)
     T = b * s
-    h = int(getattr(cfg, "hidden_size", getattr(cfg, "n_embd", 0)))
-    heads = int(getattr(cfg, "num_attention_heads", getattr(cfg, "n_head", 1)))
-    f = int(getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * h)
-    head_dim = int(getattr(cfg, "head_dim", None) or h // heads)
-    kv = int(getattr(cfg, "num_key_value_heads", None) or heads) * head_dim
+    dims = _dims(cfg)
+    h, heads, f, head_dim, kv = dims["h"], dims["heads"], dims["f"], dims["head_dim"], dims["kv"]
     lse = T * heads * 4
     mask = b * s * s * e if padded else 0  # explicit SDPA mask, saved again by every block
     if padded and fam == "llama":
@@ -174,7 +308,7 @@ def build(cls, config: Any, *, batch_size: int, seq_len: int, rank: int, targets
         segments = [4 * T * h * e + lse + mask, T * h * e + 2 * T * 4, T * f * e, T * h * e + 2 * T * 4]
         tail = 0
     elif fam == "gpt2":
-        kv_copies = 2 * T * h * e if getattr(cfg, "use_cache", True) else 0
+        kv_copies = 2 * T * h * e if dims["use_cache"] else 0
         segments = [T * h * e + 2 * T * 4, 3 * T * h * e + kv_copies + T * h * e + lse + mask, T * h * e + 2 * T * 4,
                     4 * T * f * e, 0]
         tail = T * h * e + 2 * T * 4
@@ -186,15 +320,10 @@ def build(cls, config: Any, *, batch_size: int, seq_len: int, rank: int, targets
     # modules
     specs, param_train, rank_act, inp = [], {}, {}, {}
     lora_bytes = 0
-    for name, mod in model.named_modules():
+    for name, d_in, d_out in layout.linears:
         suf = _suffix(name, fam)
-        if suf is None or not any(name == t or name.endswith("." + t) for t in targets):
+        if not any(name == t or name.endswith("." + t) for t in targets):
             continue
-        w = getattr(mod, "weight", None)
-        if w is None or w.dim() != 2:
-            continue
-        d_in, d_out = (int(w.shape[1]), int(w.shape[0])) if isinstance(mod, nn.Linear) else (
-            int(w.shape[0]), int(w.shape[1]))  # transformers Conv1D stores [in, out]
         m = re.search(r"(?:^|\.)(\d+)(?:\.|$)", name)
         if m is None:
             continue
@@ -209,7 +338,7 @@ def build(cls, config: Any, *, batch_size: int, seq_len: int, rank: int, targets
     if not specs:
         raise ProblemError(f"no module of {cfg.model_type!r} matches targets {list(targets)}; "
                            f"adaptable: {', '.join(_ORDER[fam])}")
-    nb = int(getattr(cfg, "num_hidden_layers", getattr(cfg, "n_layer", 0)))
+    nb = dims["nb"]
     first_entry = min(_ENTRY[fam][_suffix(sp.name, fam)] for sp in specs)
     full = sum(segments)
     partial = sum(segments[first_entry:])
@@ -221,10 +350,8 @@ def build(cls, config: Any, *, batch_size: int, seq_len: int, rank: int, targets
     discount = {sp.kind: partial - sum(segments[_ENTRY[fam][_suffix(sp.name, fam)]:]) for sp in specs}
     discount = {k: v for k, v in discount.items() if v > 0}
 
-    static = sum(p.numel() for p in model.parameters()) * e + lora_bytes
-    static += sum(buf.numel() * buf.element_size() for buf in model.buffers())
-    head_params = sum(p.numel() for n, p in model.named_parameters()
-                      if n.startswith(("classifier", "score"))) if task == "classification" else 0
+    static = layout.num_params * e + lora_bytes + layout.buffer_bytes
+    head_params = layout.head_params
     if task == "classification":
         if fam == "bert":
             head_act = b * h * e + b * num_labels * e + b * 8 + 4
@@ -232,7 +359,7 @@ def build(cls, config: Any, *, batch_size: int, seq_len: int, rank: int, targets
             head_act = T * h * e + b * num_labels * e + 3 * b * 8 + 4
     else:  # causal LM: the (frozen, tied) LM head saves nothing until something trains: log-softmax in tail
         head_act = 0
-        vocab = int(cfg.vocab_size)
+        vocab = dims["vocab"]
         a[nb - 1] += T * vocab * 4 + (T * vocab * 4 if e != 4 else 0)
     head = head_act + (1 + states) * head_params * e
     # Peak transient above the saved-tensor count (issue 13): the gradients alive at once in a block's
@@ -243,7 +370,7 @@ def build(cls, config: Any, *, batch_size: int, seq_len: int, rank: int, targets
     # calibrated transients on small configs.
     transient = 2 * T * max(f, 3 * h) * e + T * h * 4
     if task != "classification":
-        transient += 2 * T * int(cfg.vocab_size) * 4
+        transient += 2 * T * dims["vocab"] * 4
     return cls(modules=tuple(specs), static_bytes=int(static), head_bytes=int(head), block_costs=tuple(a),
                param_train_bytes=param_train, rank_act_bytes=rank_act, input_bytes=inp, entry_discount=discount,
                batch_size=b, seq_len=s, dtype=dtype_name(dtype), optimizer=optimizer,

@@ -31,7 +31,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from solvers.errors import ProblemError, SolversError
+from solvers.errors import ProblemError, SolversError, os_error_naming
 from solvers.units import format_bytes, parse_bytes, read_budget_csv
 
 __all__ = ["app", "plan_command", "PlanConfig", "load_plan_config", "plot_plans"]
@@ -219,7 +219,7 @@ def plan_command(
     except (SolversError, ValueError, OSError, TypeError) as exc:
         if _host_reports_errors():
             raise  # mounted in a CLI that reports errors itself (fedkernels: one line, --verbose traceback)
-        err.print(f"[bold red]error:[/] {exc}")
+        err.print(f"[bold red]error:[/] {exc}", soft_wrap=True)  # one line, however long
         raise typer.Exit(2) from None
 
     margin_note = f" + {100 * memory.margin:g} % margin" if memory.margin else ""
@@ -242,8 +242,11 @@ def plan_command(
                               "block_costs": list(memory.block_costs),
                               "min_trainable_bytes": memory.min_trainable_bytes(), "full_bytes": memory.full_bytes()},
                    "plans": [p.to_dict() for p in plans.values()]}
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(payload, indent=2, default=str))
+        try:
+            json_out.parent.mkdir(parents=True, exist_ok=True)
+            json_out.write_text(json.dumps(payload, indent=2, default=str))
+        except OSError as exc:
+            raise os_error_naming(exc, json_out) from exc
         console.print(f"json: {json_out}")
     if png_out is not None:
         console.print(f"png:  {plot_plans(plans, memory, png_out)}")

@@ -78,3 +78,16 @@ class SolverError(SolversError):
 
 class BackendUnavailableError(SolverError):
     """A backend whose library (or native extension) is not installed on this machine."""
+
+
+def os_error_naming(exc: OSError, path: object) -> OSError:
+    """``exc`` itself when it names a file, else an OSError of the same errno naming ``path``.
+
+    A write that fails mid-way (a full disk: ENOSPC) raises an OSError with no file name, so a one-line report
+    would read "No space left on device" without saying where; callers re-raise this one instead.
+    """
+    if exc.filename is not None:
+        return exc
+    new = OSError(exc.errno, exc.strerror or str(exc), str(path))
+    new.__cause__ = exc
+    return new

@@ -373,8 +373,9 @@ class MemoryModel:
     ) -> MemoryModel:
         """Analytic model from a transformers config (object, dict, config.json path, folder or preset).
 
-        No weights are loaded: the model is built on the ``meta`` device to count parameters and find the
-        target modules. Activation terms are counted for PyTorch's CPU/GPU SDPA attention (saves q, k, v,
+        No weights are loaded: a preset name is counted from its hyperparameters (no torch or transformers
+        import); any other config is built on the ``meta`` device to count parameters and find the target
+        modules. Activation terms are counted for PyTorch's CPU/GPU SDPA attention (saves q, k, v,
         output and a float32 logsumexp; no s x s matrix), dropout off (``model.eval()``). ``padded``: batches
         carry padding in their attention mask; transformers then passes SDPA an explicit ``[b, 1, s, s]`` mask
         that every block saves, and Llama expands grouped keys/values to all heads. See `solvers._analytic`

@@ -131,7 +131,7 @@ def test_a_plan_json_path_that_cannot_be_written_is_one_line(invoke, tmp_path):
     assert the_line(res.stderr) == "error: File exists: 'afile'"
     res = invoke("plan", "--model", "bert-base", "--budget", "8GiB", "--json", "/dev/full")  # a full disk
     assert res.exit_code == 2
-    assert the_line(res.stderr) == "error: [Errno 28] No space left on device"
+    assert the_line(res.stderr) == "error: No space left on device: '/dev/full'"  # names the file it wrote
 
 
 def test_a_bug_is_one_line_with_exit_1_and_verbose_shows_the_traceback(invoke, monkeypatch):

@@ -326,21 +326,11 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
                 if len(options) == 1 and isinstance(value, list | tuple | dict):
                     raise
         raise bad()
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        raise bad()
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise bad()
-    if hint is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        raise bad()
-    if hint is str:
-        if isinstance(value, str):
-            return value
+    if hint in (bool, int, float, str):
+        # bool is an int subclass: True is no int and no float here; an int is a fine float (lr: 1)
+        ok = isinstance(value, int | float) if hint is float else isinstance(value, hint)
+        if ok and (hint is bool or not isinstance(value, bool)):
+            return float(value) if hint is float else value
         raise bad()
     if origin is list:
         if not isinstance(value, list | tuple):

@@ -79,6 +79,11 @@ class Task:
         """Whether round ``round_idx`` (1-based) runs the generation metrics: never for this kind."""
         return False
 
+    def held_out(self, pool: np.ndarray, keys: np.ndarray, max_eval: int) -> np.ndarray:
+        """The evaluated rows (sorted) of the held-out ``pool`` (a seeded permutation's head), at most ``max_eval``:
+        the ``max_eval`` lowest indices (the classification runs' split since the first release)."""
+        return np.sort(pool)[:max_eval]
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
@@ -209,6 +214,15 @@ class CausalLMTask(Task):
 
     def generates_at(self, round_idx: int, rounds: int) -> bool:
         return self.gen_eval_per_task > 0 and (round_idx % self.eval_every == 0 or round_idx == rounds)
+
+    def held_out(self, pool: np.ndarray, keys: np.ndarray, max_eval: int) -> np.ndarray:
+        """Round-robin over the tasks in ``pool``'s (random) order, so every task is evaluated: instruction sets
+        are stored task by task, and the lowest ``max_eval`` indices of instruct-mix's 300-row demo split held
+        only 2 of its 3 tasks."""
+        pool = np.asarray(pool)
+        by_task = [pool[keys[pool] == t] for t in np.unique(keys[pool])]
+        picked = [rows[i] for i in range(max(len(r) for r in by_task)) for rows in by_task if i < len(rows)]
+        return np.sort(np.asarray(picked[:max_eval], dtype=pool.dtype))
 
     @torch.no_grad()
     def generate(self, model: nn.Module, data: InstructionData, rows: Sequence[int], *,

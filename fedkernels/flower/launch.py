@@ -135,7 +135,10 @@ class LocalDeployment:
         pairs = " ".join(f'{k}="{v}"' if isinstance(v, str) else f"{k}={v}" for k, v in node_config.items())
         runtime_port = free_port()
         node = self._spawn(f"supernode-{i}", [
-            flwr_executable("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.fleet_port}",
+            # warm: Flower's SuperNode with its idle waits capped (fedkernels.flower.fastnode), else the plain one
+            *([sys.executable, "-m", "fedkernels.flower.fastnode"] if self.warm
+              else [flwr_executable("flower-supernode")]),
+            "--insecure", "--superlink", f"127.0.0.1:{self.fleet_port}",
             "--node-config", pairs, "--host", "127.0.0.1", "--port", str(runtime_port),
             *(["--isolation", "process"] if self.warm else []),
         ])

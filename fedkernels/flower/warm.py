@@ -15,6 +15,7 @@ as the process.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -186,6 +187,14 @@ class PollingGrid:
     def __init__(self, grid, poll_s: float = SERVER_POLL_S) -> None:
         self._grid = grid
         self.poll_s = float(poll_s)
+        # The replies' objects are pulled by http_grid with Flower's 1 s initial backoff: shorten it (another
+        # Flower layout without that module keeps its own waits).
+        with contextlib.suppress(ImportError):
+            from flwr.superlink.grid import http_grid
+
+            from fedkernels.flower.fastnode import short_pull
+
+            short_pull(http_grid)
 
     def __getattr__(self, name: str):
         return getattr(self._grid, name)

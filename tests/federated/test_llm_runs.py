@@ -173,3 +173,14 @@ def test_parallel_clients_match_sequential_on_the_lm_task(tmp_path, model):
     for m in a:
         torch.testing.assert_close(a[m][0], b[m][0], atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(a[m][1], b[m][1], atol=1e-5, rtol=1e-4)
+
+
+def test_held_out_cap_keeps_every_task(tmp_path):
+    """Rows stored task by task: a cap of 6 held-out rows still evaluates all 3 tasks (the lowest 6 indices of
+    the held-out pool are all of the first task)."""
+    ds = instructions().sort("task")
+    trainer = FederatedTrainer(lm_cfg(tmp_path, model="tiny-llama", rounds=1, max_eval=6), dataset=ds)
+    tasks = trainer.data.task_ids.numpy()[trainer.test_idx]
+    assert len(trainer.test_idx) == 6 and set(tasks.tolist()) == {0, 1, 2}
+    rec = trainer.run().history[0]
+    assert {f"rougeL/{t}" for t in TASK_NAMES} <= set(rec)

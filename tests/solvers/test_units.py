@@ -73,3 +73,15 @@ def test_budget_csv_keeps_ids_and_rejects_duplicates_with_line(tmp_path):
         read_budget_csv(bad)
     with pytest.raises(BudgetParseError, match="does not exist"):
         read_budget_csv(tmp_path / "missing.csv")
+
+
+def test_os_error_naming_adds_the_path_only_where_none_is_named():
+    import errno
+
+    from solvers.errors import os_error_naming
+
+    bare = OSError(errno.ENOSPC, "No space left on device")
+    named = os_error_naming(bare, "/runs/x/metrics.jsonl")
+    assert named.errno == errno.ENOSPC and named.filename == "/runs/x/metrics.jsonl" and named.__cause__ is bare
+    already = FileNotFoundError(errno.ENOENT, "No such file or directory", "budgets.csv")
+    assert os_error_naming(already, "other") is already

@@ -1,0 +1,162 @@
+"""The benchmark suite (fedkernels.federated.suite): pairing, statistics, reports, skip-finished and resume."""
+
+import json
+import os
+import signal
+import struct
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedkernels.federated import FederatedTrainer
+from fedkernels.federated.suite import (
+    _T975,
+    PAPER,
+    QUICK,
+    STATUS,
+    _launch,
+    collect,
+    paired_interval,
+    run_suite,
+    summary_rows,
+    worker,
+    write_reports,
+)
+
+
+def png_size(path):
+    head = path.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n", path
+    return struct.unpack(">II", head[16:24])
+
+
+def test_paper_protocol_is_the_documented_one():
+    assert PAPER.base["model"] == "minilm-l6" and PAPER.base["num_clients"] == 20
+    assert len(PAPER.base["budget_tiers"]) == 3
+    assert PAPER.partitions == ("iid", "dirichlet:0.5", "dirichlet:0.1", "pathological:1")
+    assert PAPER.seeds == (0, 1, 2) and min(PAPER.tuning_seeds) >= 100
+    labels = [e.label for e in PAPER.entries]
+    assert len(labels) == len(set(labels))
+    from fedkernels.federated.config import STRATEGIES
+
+    assert {e.strategy for e in PAPER.entries if e.allocation is None} == set(STRATEGIES)
+    assert {"fedhello-gd:triangle", "fedhello-rgd:uniform", "fedhello-fim"} <= set(labels)
+    assert [e.label for e in PAPER.entries if e.reference] == ["fedit-full"]
+    specs = PAPER.runs("/nonexistent")
+    assert len(specs) == len(labels) * 4 * 3 and len({s.folder for s in specs}) == len(specs)
+
+
+def test_runs_of_different_strategies_are_paired(tmp_path):
+    """Same seed: identical model init, test split, partitions and sampled clients; only the strategy differs."""
+    specs = {(s.entry.label, s.partition, s.seed): s for s in QUICK.restrict(seeds=[0, 1]).runs(tmp_path)}
+    a, b = specs[("fedpilot", "dirichlet:0.5", 0)].config, specs[("fedra", "dirichlet:0.5", 0)].config
+    da, db = a.to_dict(), b.to_dict()
+    assert {k for k in da if da[k] != db[k]} == {"strategy", "output_dir"}
+    ta, tb = FederatedTrainer(a), FederatedTrainer(b)
+    assert (ta.test_idx == tb.test_idx).all()
+    assert all((x == y).all() for x, y in zip(ta.client_indices, tb.client_indices, strict=True))
+    for m, (A, B) in ta.global_state.factors.items():
+        assert torch.equal(A, tb.global_state.factors[m][0]) and torch.equal(B, tb.global_state.factors[m][1])
+    assert [ta.sample_clients(r) for r in (1, 2, 3)] == [tb.sample_clients(r) for r in (1, 2, 3)]
+    other = FederatedTrainer(specs[("fedpilot", "dirichlet:0.5", 1)].config)
+    assert any(len(x) != len(y) or (x != y).any() for x, y in zip(ta.client_indices, other.client_indices,
+                                                                    strict=True))
+
+
+def test_paired_interval_is_the_t_interval():
+    mean, lo, hi = paired_interval([0.01, 0.03, 0.02])
+    half = 4.303 * 0.01 / 3 ** 0.5  # t(0.975, 2) * sd / sqrt(n)
+    assert mean == pytest.approx(0.02) and lo == pytest.approx(0.02 - half, abs=1e-5)
+    assert hi == pytest.approx(0.02 + half, abs=1e-5)
+    m1, lo1, hi1 = paired_interval([0.05])
+    assert m1 == 0.05 and lo1 != lo1 and hi1 != hi1  # NaN: no interval from one seed
+    stats = pytest.importorskip("scipy.stats")
+    for df, q in enumerate(_T975, start=1):
+        assert q == pytest.approx(stats.t.ppf(0.975, df), abs=6e-4), df
+
+
+def wait_for(path, timeout=180.0):
+    end = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < end, f"{path} did not appear in {timeout} s"
+        time.sleep(0.2)
+
+
+def test_quick_suite_resumes_a_killed_run_skips_finished_ones_and_reports(tmp_path):
+    root = tmp_path / "runs"
+    specs = QUICK.runs(root)
+    assert len(specs) == 4
+    killed = specs[0]
+    # a worker that holds still after round 1's checkpoint, then dies by SIGKILL (no clean-up at all)
+    pause = [sys.executable, str(Path(__file__).with_name("pause_suite_worker.py")), "1"]
+    proc, fh = _launch(killed, {**os.environ, "OMP_NUM_THREADS": "1"}, entry=pause)
+    try:
+        wait_for(killed.folder / "checkpoints" / "LATEST")
+        time.sleep(0.5)
+        assert worker(killed.folder) == 3  # the folder is locked by the live worker: no second writer
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        fh.close()
+    assert killed.state() == "resume" and not (killed.folder / "summary.json").exists()
+
+    lines = []
+    outcome = run_suite(QUICK, root, jobs=2, echo=lines.append)
+    assert set(outcome.values()) == {"done"}, (outcome, [(s.folder / "worker.log").read_text() for s in specs])
+    status = json.loads((killed.folder / STATUS).read_text())
+    assert status["processes"][-1]["start_round"] == 1  # continued from the checkpoint, not from scratch
+    assert [json.loads(x)["round"] for x in (killed.folder / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert all(json.loads((s.folder / STATUS).read_text())["processes"][-1]["start_round"] == 0 for s in specs[1:])
+
+    before = {s.folder: (s.folder / "suite-processes.jsonl").read_text() for s in specs}
+    again = run_suite(QUICK, root, jobs=2, echo=lines.append)
+    assert set(again.values()) == {"skipped"}
+    assert before == {s.folder: (s.folder / "suite-processes.jsonl").read_text() for s in specs}  # nothing launched
+
+    out = tmp_path / "docs"
+    paths = write_reports(QUICK, root, out, command="fedkernels compare --suite quick")
+    rows = paths["csv"].read_text().splitlines()
+    assert len(rows) == 1 + 4 * 2 and rows[0].startswith("entry,strategy,allocation,partition,seed,round")
+    md = paths["md"].read_text()
+    assert "PARTIAL" not in md
+    for needle in ("| fedpilot |", "| fedra |", "iid", "dirichlet:0.5", "best seed method", "Where the time goes"):
+        assert needle in md, needle
+    for kind in ("curves", "allocation"):
+        w, h = png_size(paths[kind])
+        assert 300 < w < 2000 and 200 < h < 2000, (kind, w, h)
+    results = collect(QUICK, root)
+    assert all(r.allocation and len(r.allocation) == QUICK.base["num_clients"] for r in results)
+    best = {r["partition"]: r["best_seed_method"] for r in summary_rows(QUICK, results)}
+    assert set(best) == {"iid", "dirichlet:0.5"} and set(best.values()) <= {"fedpilot", "fedra"}
+
+    (specs[-1].folder / "summary.json").unlink()  # an unfinished run: the report must say it is partial
+    assert "PARTIAL: 3 of 4 runs finished" in write_reports(QUICK, root, out)["md"].read_text()
+
+    from typer.testing import CliRunner
+
+    from fedkernels.cli import app
+
+    res = CliRunner().invoke(app, ["compare", "--suite", "quick", "--root", str(root), "--out", str(tmp_path / "cli"),
+                                   "--report-only"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "cli" / "suite-quick.md").is_file()
+    bad = CliRunner().invoke(app, ["compare", "--suite", "nope", "--report-only"])
+    assert bad.exit_code == 2 and "no such suite" in bad.output
+
+
+def test_compare_plot_stays_readable_with_eight_strategies(tmp_path):
+    """The old one-row layout made an 8-strategy PNG 3146 px wide; the grid keeps it under 1800 px."""
+    from fedkernels.federated.compare import plot_runs
+    from fedkernels.federated.config import STRATEGIES
+    from fedkernels.federated.trainer import RunSummary
+
+    runs = {}
+    for i, s in enumerate(STRATEGIES):
+        history = [{"accuracy": 0.2 + 0.1 * r + 0.01 * i} for r in range(4)]
+        alloc = [[float((c + layer + i) % 2) for layer in range(6)] for c in range(20)]
+        runs[(s, "iid", 0)] = RunSummary(4, history[-1]["accuracy"], 0.0, history, tmp_path, None, alloc)
+    w, h = png_size(plot_runs(runs, tmp_path / "compare.png"))
+    assert len(STRATEGIES) == 8 and w < 1800 and h < 1800, (w, h)
