@@ -135,13 +135,14 @@ def standalone_split(w: Workload, tokenizer) -> Split:
     """The split `fedkernels.federated.trainer.prepare` makes (seeded hold-out, then the task partition over the
     rest), rebuilt without a trainer: used when ours cannot run, and checked against the trainer's when it can."""
     ds = load_dataset("instruct-mix")
-    data = w.task().tokenize(ds, tokenizer, w.seq_len, w.max_examples, seed=w.seed)
-    n = len(data)
-    perm = rng_for(w.seed, 0x7E57).permutation(n)
-    n_test = max(1, int(round(w.test_fraction * n)))
-    test_idx = np.sort(perm[:n_test])[: w.max_eval]
+    task = w.task()
+    data = task.tokenize(ds, tokenizer, w.seq_len, w.max_examples, seed=w.seed)
+    keys = task.partition_labels(data)
+    perm = rng_for(w.seed, 0x7E57).permutation(len(data))
+    n_test = max(1, int(round(w.test_fraction * len(data))))
+    test_idx = task.held_out(perm[:n_test], keys, w.max_eval)
     train_idx = np.sort(perm[n_test:])
-    parts = partition(data.task_ids.numpy()[train_idx], w.num_clients, ("task", None), w.seed)
+    parts = partition(keys[train_idx], w.num_clients, ("task", None), w.seed)
     return Split(data, test_idx, [train_idx[p] for p in parts], "standalone")
 
 
