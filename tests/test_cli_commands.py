@@ -86,3 +86,29 @@ def test_export_writes_the_latest_checkpoint_as_a_peft_adapter(invoke, tmp_path)
     assert exported.keys() == final.keys() and any("lora_A" in k for k in exported)
     for k in final:
         assert torch.equal(exported[k], final[k]), k
+
+
+def test_demo_instruct_runs_its_four_strategies_on_the_lm_task(invoke, tmp_path):
+    """`demo --task instruct` under tiny overrides (tiny-llama on a 3-task file): the four strategies, ROUGE-L as
+    the headline column, per-task ROUGE-L / EM columns equal to the runs' last metrics records."""
+    from tests.federated.test_llm_runs import instructions
+
+    instructions().to_json(str(tmp_path / "ins.jsonl"), lines=True)
+    tiny = ["--model", "tiny-llama", "--dataset", "ins.jsonl", "--max_examples", "48", "--seq_len", "24",
+            "--batch_size", "2", "--local_steps", "1", "--num_clients", "3", "--fraction", "1", "--rounds", "1",
+            "--eval_every", "1", "--gen_eval_per_task", "2", "--max_new_tokens", "3", "--max_eval", "12",
+            "--lora_rank", "4", "--output_dir", "demo"]
+    res = invoke("demo", "--task", "instruct", *tiny)
+    assert res.exit_code == 0, res.output
+    assert "tiny-llama on ins.jsonl, 3 clients in 3 memory tiers, task, 1 rounds" in res.stdout
+    table = rows(tmp_path / "demo" / "compare.csv")
+    assert sorted(r["strategy"] for r in table) == ["fedit-min", "fedpilot", "flexlora", "flora"]
+    for r in table:
+        (line,) = (tmp_path / "demo" / f"{r['strategy']}__task__seed0" / "metrics.jsonl").read_text().splitlines()
+        rec = json.loads(line)
+        assert float(r["rougeL_mean"]) == pytest.approx(rec["rougeL"])
+        for t in ("echo", "copy", "say"):
+            assert float(r[f"rougeL/{t}"]) == pytest.approx(rec[f"rougeL/{t}"])
+            assert float(r[f"exact_match/{t}"]) == pytest.approx(rec[f"exact_match/{t}"])
+    assert "rougeL" in res.stdout and "exact_match/echo" in res.stdout
+    assert invoke("demo", "--task", "seq2seq").exit_code == 2

@@ -5,18 +5,17 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from fedkernels.errors import ConfigError
 from fedkernels.federated.data import TokenizedData, rng_for
+from fedkernels.federated.instruct import InstructionData
+from fedkernels.federated.tasks import Task
 from fedkernels.nn import LoRALinear
 
-__all__ = ["ClientJob", "ClientResult", "LocalTraining", "Replay", "SharedModel", "classification_loss", "client_order",
+__all__ = ["ClientJob", "ClientResult", "LocalTraining", "SharedModel", "client_order",
            "load_adapter_state", "step_indices", "train_client", "count_training_bytes", "inject_fault",
            "fault_injector"]
 
@@ -25,7 +24,8 @@ Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 @dataclass
 class ClientResult:
-    """What a client sends back: its trained factors (planned modules, at its ranks) and head."""
+    """What a client sends back: its trained factors (planned modules, at its ranks) and head (empty when the task
+    trains none, `Task.trains_head`)."""
 
     client_id: int
     factors: Factors
@@ -95,35 +95,7 @@ def step_indices(order: np.ndarray, step: int, batch_size: int) -> np.ndarray:
     return np.take(order, range(lo, lo + batch_size), mode="wrap")
 
 
-def classification_loss(model: nn.Module, batch: dict) -> torch.Tensor:
-    """Mean cross-entropy of the model's logits (in fp32) against ``batch["labels"]``: the one training loss of local
-    training (sequential and parallel), the memory model's calibration and the server's evaluation."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    return F.cross_entropy(out.logits.float(), batch["labels"])
-
-
 LossFn = Callable[[nn.Module, dict], torch.Tensor]
-
-
-class Replay:
-    """Stands in for the model in ``loss_fn(model, batch)`` when the forward pass is already done: returns
-    ``logits`` (the pass's output rows for exactly ``batch``). Lets one loss function serve a shared pass over
-    several clients (`fedkernels.federated.parallel`) and the evaluation pass that also needs the logits.
-
-    Raises `ConfigError` when the loss calls the model with anything but ``batch``'s ``input_ids`` /
-    ``attention_mask`` (a loss that needs another forward pass cannot reuse this one)."""
-
-    def __init__(self, logits: torch.Tensor, batch: dict) -> None:
-        self.logits = logits
-        self.batch = batch
-
-    def __call__(self, *args, **kwargs) -> SimpleNamespace:
-        extra = sorted(set(kwargs) - {"input_ids", "attention_mask"})
-        if args or extra or kwargs.get("input_ids") is not self.batch["input_ids"]:
-            raise ConfigError(f"the loss function called the model with {len(args)} positional argument(s) and "
-                              f"keywords {sorted(kwargs)}, not its batch's input_ids/attention_mask: it cannot reuse "
-                              "a forward pass already done")
-        return SimpleNamespace(logits=self.logits)
 Penalty = Callable[[Factors], torch.Tensor]
 
 
@@ -131,7 +103,8 @@ Penalty = Callable[[Factors], torch.Tensor]
 class LocalTraining:
     """How every client trains locally: ``local_steps`` optimizer steps of ``batch_size`` examples with
     ``optimizer`` (``adamw`` | ``sgd``) at ``lr`` / ``weight_decay``; batch order and dropout derive from ``seed``.
-    ``loss_fn(model, batch) -> scalar`` is the task loss (default `classification_loss`)."""
+    ``task`` (`fedkernels.federated.tasks.Task`) gives the loss: ``loss_fn(model, batch)`` for a client's own pass,
+    ``task.loss_from_logits`` for a pass shared by several clients."""
 
     local_steps: int
     batch_size: int
@@ -139,13 +112,23 @@ class LocalTraining:
     lr: float
     weight_decay: float
     seed: int
-    loss_fn: LossFn = classification_loss
+    task: Task
 
     @classmethod
-    def from_config(cls, cfg) -> LocalTraining:
-        """The settings of a `FederatedConfig` (built once per run, shared by every client and engine)."""
+    def from_config(cls, cfg, task: Task | None = None) -> LocalTraining:
+        """The settings of a `FederatedConfig` (built once per run, shared by every client and engine); ``task``:
+        the run's task (`Prepared.task`), default `task_from_config` (which needs ``cfg.task`` set)."""
+        if task is None:
+            from fedkernels.federated.tasks import task_from_config
+
+            task = task_from_config(cfg)
         return cls(local_steps=cfg.local_steps, batch_size=cfg.batch_size, optimizer=cfg.optimizer, lr=cfg.lr,
-                   weight_decay=cfg.weight_decay, seed=cfg.seed)
+                   weight_decay=cfg.weight_decay, seed=cfg.seed, task=task)
+
+    @property
+    def loss_fn(self) -> LossFn:
+        """``loss(model, batch) -> scalar``: the task's training loss."""
+        return self.task.loss
 
     def make_optimizer(self, params: list[torch.Tensor]) -> torch.optim.Optimizer:
         if self.optimizer == "adamw":
@@ -156,16 +139,17 @@ class LocalTraining:
 @dataclass(frozen=True)
 class SharedModel:
     """The model simulated clients train in turn (in-process) or a node trains (Flower): the model, its LoRA
-    layers, the name of its classification head and the tokenised data the clients' indices point into."""
+    layers, the name of its trained head (None: the task trains none, e.g. a causal LM's frozen LM head) and the
+    tokenised data the clients' indices point into."""
 
     model: nn.Module
     layers: dict[str, LoRALinear]
-    head_name: str
-    data: TokenizedData
+    head_name: str | None
+    data: TokenizedData | InstructionData
 
     @property
-    def head(self) -> nn.Module:
-        return self.model.get_submodule(self.head_name)
+    def head(self) -> nn.Module | None:
+        return None if self.head_name is None else self.model.get_submodule(self.head_name)
 
 
 @dataclass
@@ -204,10 +188,13 @@ def train_client(job: ClientJob, *, on: SharedModel, settings: LocalTraining) ->
         if m not in start:  # no start given: the global factors truncated to the planned rank
             layers[m].set_active_rank(min(r, layers[m].r))
         layers[m].trainable = True
-    head.load_state_dict(job.global_head)
-    for p in head.parameters():
-        p.requires_grad_(True)
-    params = [p for m in plan for p in (layers[m].lora_A, layers[m].lora_B)] + list(head.parameters())
+    head_params: list[nn.Parameter] = []
+    if head is not None:
+        head.load_state_dict(job.global_head)
+        head_params = list(head.parameters())
+        for p in head_params:
+            p.requires_grad_(True)
+    params = [p for m in plan for p in (layers[m].lora_A, layers[m].lora_B)] + head_params
     opt = settings.make_optimizer(params)
 
     torch_seed, order = client_order(settings.seed, job.round_idx, job.client_id, job.indices)
@@ -239,7 +226,7 @@ def train_client(job: ClientJob, *, on: SharedModel, settings: LocalTraining) ->
         factors[m] = (layer.lora_A.detach()[:r].clone(), layer.lora_B.detach()[:, :r].clone())
         ranks[m] = r
         layer.trainable = False
-    head_state = {k: v.detach().clone() for k, v in head.state_dict().items()}
+    head_state = {} if head is None else {k: v.detach().clone() for k, v in head.state_dict().items()}
     return ClientResult(
         client_id=job.client_id,
         factors=factors,

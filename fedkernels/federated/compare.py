@@ -53,13 +53,21 @@ def summarise(runs: dict[tuple[str, str, int], RunSummary]) -> list[dict]:
     rows = []
     keys = sorted({(s, p) for s, p, _ in runs}, key=lambda k: (k[1], k[0]))
     for strategy, part in keys:
-        accs = [r.final_accuracy for (s, p, _), r in runs.items() if (s, p) == (strategy, part)]
-        up = [sum(h["bytes_up"] for h in r.history) for (s, p, _), r in runs.items() if (s, p) == (strategy, part)]
-        rows.append({
+        group = [r for (s, p, _), r in runs.items() if (s, p) == (strategy, part)]
+        metric = group[0].metric  # the task's headline metric: accuracy, or ROUGE-L for causal-lm
+        accs = [r.final_metric for r in group]
+        up = [sum(h["bytes_up"] for h in r.history) for r in group]
+        row = {
             "strategy": strategy, "partition": part, "seeds": len(accs),
-            "accuracy_mean": statistics.fmean(accs), "accuracy_std": statistics.pstdev(accs) if len(accs) > 1 else 0.0,
+            f"{metric}_mean": statistics.fmean(accs),
+            f"{metric}_std": statistics.pstdev(accs) if len(accs) > 1 else 0.0,
             "mb_up_mean": statistics.fmean(up) / 2**20,
-        })
+        }
+        # per-task generation scores of the last round (rougeL/<task>, exact_match/<task>), mean over seeds
+        last = [r.history[-1] for r in group if r.history]
+        for k in sorted({k for h in last for k in h if "/" in k and k.split("/")[0] in ("rougeL", "exact_match")}):
+            row[k] = statistics.fmean(h[k] for h in last if k in h)
+        rows.append(row)
     return rows
 
 
@@ -81,15 +89,16 @@ def plot_runs(runs: dict[tuple[str, str, int], RunSummary], path: Path) -> Path:
 
     strategies = sorted({s for s, _, _ in runs})
     part = sorted({p for _, p, _ in runs})[0]
-    curves = {s: [[h["accuracy"] for h in r.history] for (ss, p, _), r in runs.items() if ss == s and p == part]
-              for s in strategies}
+    metric = next(iter(runs.values())).metric  # the task's headline metric (accuracy, or ROUGE-L)
+    curves = {s: [[h[metric] for h in r.history if metric in h] for (ss, p, _), r in runs.items()
+                  if ss == s and p == part] for s in strategies}
     maps = {s: next(r for (ss, p, _), r in runs.items() if ss == s and p == part).allocation for s in strategies}
     ncols = min(HEATMAP_COLS, len(strategies))
     nrows = math.ceil(len(strategies) / ncols)
     fig = plt.figure(figsize=(3.4 * ncols + 1.2, 4.2 + 2.8 * nrows), layout="constrained")
     grid = fig.add_gridspec(1 + nrows, ncols, height_ratios=[1.5] + [1] * nrows)
     top = fig.add_subplot(grid[0, :])
-    _draw_curves(top, curves, strategies, f"accuracy vs round ({part})")
+    _draw_curves(top, curves, strategies, f"{metric} vs round ({part})", metric=metric)
     top.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=9, frameon=False)
     axes = [fig.add_subplot(grid[1 + i // ncols, i % ncols]) for i in range(len(strategies))]
     _draw_heatmaps(fig, axes, maps, strategies)
@@ -100,7 +109,8 @@ HEATMAP_COLS = 4
 _STYLES = ("-", "--", ":", "-.")
 
 
-def _draw_curves(ax, curves: dict[str, list[list[float]]], order: list[str], title: str) -> None:
+def _draw_curves(ax, curves: dict[str, list[list[float]]], order: list[str], title: str, *,
+                 metric: str = "accuracy") -> None:
     """Mean over seeds of each strategy's accuracy curve (truncated to its shortest seed), tab20 colours and
     four line styles so 16 strategies stay distinguishable."""
     import matplotlib.pyplot as plt
@@ -116,7 +126,7 @@ def _draw_curves(ax, curves: dict[str, list[list[float]]], order: list[str], tit
         ax.plot(range(1, n + 1), mean, color=cmap(i % 20), linestyle=_STYLES[(i // 10) % len(_STYLES)],
                 linewidth=1.6, marker="o" if n <= 10 else None, markersize=3, label=s)
     ax.set_xlabel("round")
-    ax.set_ylabel("held-out accuracy (%)")
+    ax.set_ylabel(f"held-out {metric} (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
 

@@ -57,7 +57,9 @@ class FederatedConfig:
         local_steps: optimizer steps per client per round.
         batch_size, seq_len: local batch shape (texts are padded/truncated to seq_len tokens).
         optimizer: ``adamw`` or ``sgd``; lr, weight_decay: its settings.
-        lora_rank, lora_alpha, lora_dropout, lora_targets: the adapter every client may train a subset of.
+        lora_rank, lora_alpha, lora_dropout, lora_targets: the adapter every client may train a subset of;
+            lora_targets None: the architecture's attention projections (`federated.model.default_lora_targets`:
+            BERT query/value, Llama/Qwen2/Mistral q_proj/v_proj, GPT-2 c_attn).
         strategy: one of STRATEGIES.
         allocation: override the preset's allocation (``fedhello-fim``, ``fedhello-gd:triangle``, ...).
         budgets: per-client memory budgets in human units (``["300MiB", ...]``), one per client; or
@@ -100,7 +102,7 @@ class FederatedConfig:
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
-    lora_targets: list[str] = field(default_factory=lambda: ["query", "value"])
+    lora_targets: list[str] | None = None
     strategy: str = "fedpilot"
     allocation: str | None = None
     budgets: list[str] | None = None

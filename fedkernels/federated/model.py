@@ -31,9 +31,13 @@ def head_module_name(model: nn.Module) -> str:
 
 
 def build_model(
-    name: str, num_labels: int, lora: LoRAConfig, *, seed: int
+    name: str, num_labels: int, lora: LoRAConfig, *, seed: int, targets: list[str] | str | None = None
 ) -> tuple[object, nn.Module, dict[str, LoRALinear], str]:
-    """(tokenizer, model, LoRA layers by name, head name). Seeded: same seed, same head and LoRA init."""
+    """(tokenizer, model, LoRA layers by name, head name). Seeded: same seed, same head and LoRA init.
+
+    ``targets`` names the adapted modules; None (or empty) picks `default_lora_targets` for the architecture
+    (BERT / MiniLM: query, value). ``lora.target_modules`` is not used.
+    """
     from fedkernels.assets import load_model, minilm_path
 
     torch.manual_seed(seed)
@@ -48,7 +52,8 @@ def build_model(
         tokenizer, model = load_model(name, num_labels=num_labels)
     model.eval()  # dropout of the frozen base off: clients differ only by data and plan
     head = head_module_name(model)
-    lora = LoRAConfig(**{**lora.__dict__, "modules_to_save": [head]})
+    chosen = targets or default_lora_targets(model)
+    lora = LoRAConfig(**{**lora.__dict__, "target_modules": chosen, "modules_to_save": [head]})
     torch.manual_seed(seed + 1)
     layers = inject_lora(model, lora)
     return tokenizer, model, layers, head

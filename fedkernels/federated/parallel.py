@@ -4,10 +4,11 @@
 group of up to ``FederatedConfig.parallel_clients`` clients shares every pass: each step concatenates the
 clients' batches (the very batches `train_client` draws, from `client_order` / `step_indices`), the
 encoder runs once with `to_multi_client` layers routing each example to its client's adapter (its
-planned ranks, trainable only on its planned modules; unplanned modules carry the global adapter
-frozen), the classification head is applied per client with that client's own head copy, and the loss
-is the **sum of the clients' mean losses**: rows of client c depend on no other client's parameters
-(frozen shared base, per-example attention), so each client's gradient is exactly its own (the argument
+planned ranks, trainable only on its planned modules; unplanned modules carry the global adapter frozen), a
+trained head (classification) is applied per client with that client's own head copy, and the loss is the
+**sum of the clients' mean losses** (the task's `loss_from_logits` on each client's rows): rows of client c
+depend on no other client's parameters (frozen shared base, per-example attention), so each client's gradient
+is exactly its own (the argument
 of `fedkernels.nn.multi_lora`'s module docstring). Each client then steps its own optimizer (AdamW/SGD,
 as in `train_client`) on leaf copies of its planned A/B and head, and the result is copied back into
 the stacked adapters. Outputs are the same `ClientResult`s as sequential training (equal to float
@@ -19,8 +20,7 @@ Not parallelised (trained one at a time by `SequentialExecutor`, with the reason
 clients whose plan still needs a memory measurement (``measure_memory``: `solvers.memory.measure`
 measures one client's step, which a shared pass cannot give), models the multi-client layer refuses
 (LoRA dropout, non-prefix rank masks, merged adapters), rules with a client-side loss term (HetLoRA's
-``tail_penalty``), heads that are not applied batch-first to one row block per example, losses that need their
-own forward pass (see `fedkernels.federated.client.Replay`), and any group
+``tail_penalty``), heads that are not applied batch-first to one row block per example, and any group
 in which something raised: its clients are retrained sequentially, so a faulty client is logged and
 excluded exactly as without parallelism.
 """
@@ -41,7 +41,6 @@ from fedkernels.federated.client import (
     ClientResult,
     Factors,
     LocalTraining,
-    Replay,
     SharedModel,
     client_order,
     step_indices,
@@ -95,8 +94,7 @@ def train_group(jobs: Sequence[ClientJob], *, on: SharedModel, settings: LocalTr
     trains those clients alone).
 
     Raises:
-        ConfigError: the multi-client layer refuses the model (LoRA dropout, rank masks, merged layers), or the loss
-            needs a forward pass of its own.
+        ConfigError: the multi-client layer refuses the model (LoRA dropout, rank masks, merged layers).
         ParallelUnsupportedError: the head is not applied batch-first to the group batch, or a job has a penalty
             or asks for a memory measurement.
     """
@@ -107,8 +105,8 @@ def train_group(jobs: Sequence[ClientJob], *, on: SharedModel, settings: LocalTr
                                            "client's own pass; train it alone")
     k = len(jobs)
     model, layers, head_name, bs = on.model, on.layers, on.head_name, settings.batch_size
-    head = on.head
-    head_param_names = [n for n, _ in head.named_parameters()]
+    head = on.head  # None: the task trains no head (a causal LM's LM head is frozen and shared)
+    head_param_names = [] if head is None else [n for n, _ in head.named_parameters()]
     multi: MultiClientLoRA = to_multi_client(model, k)
     wrapper = None
     try:
@@ -147,8 +145,9 @@ def train_group(jobs: Sequence[ClientJob], *, on: SharedModel, settings: LocalTr
 
         bounds = [c * bs for c in range(k + 1)]
         ids = torch.arange(k).repeat_interleave(bs)
-        wrapper = _PerClientHead(head, bounds, head_states)
-        _set_submodule(model, head_name, wrapper)
+        if head is not None:
+            wrapper = _PerClientHead(head, bounds, head_states)
+            _set_submodule(model, head_name, wrapper)
         torch.manual_seed(torch_seeds[0])  # base dropout stream of the group (deterministic in seed, round, group)
         model.train()
         losses: list[list[float]] = [[] for _ in jobs]
@@ -159,11 +158,11 @@ def train_group(jobs: Sequence[ClientJob], *, on: SharedModel, settings: LocalTr
                 opt.zero_grad(set_to_none=True)
             with multi.clients(ids):
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            # the loss is the sum of the clients' own losses, each `settings.loss_fn` on its rows of the pass
+            # the loss is the sum of the clients' own losses, each the task's loss on its rows of the pass
             per_client = []
             for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
                 rows = {key: v[lo:hi] for key, v in batch.items()}
-                per_client.append(settings.loss_fn(Replay(logits[lo:hi], rows), rows))
+                per_client.append(settings.task.loss_from_logits(logits[lo:hi], rows))
             torch.stack(per_client).sum().backward()
             for c in range(k):
                 grads = multi.client_grads(c)

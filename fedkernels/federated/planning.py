@@ -39,14 +39,41 @@ def read_budgets_csv(path: str | Path, num_clients: int) -> dict[int, int]:
     return out
 
 
-from fedkernels.federated.client import classification_loss as _classification_loss  # noqa: E402 - the one loss
+# The calibrated memory model of the last (model structure, calibration batch, loss, optimizer) seen in this
+# process. The fit is 2 + L + 2K + G measured training steps (`solvers.calibration.fit`): 37 steps for SmolLM2's
+# 30 blocks, ~280 s at 2 x 128 tokens on a loaded 2-core machine; `compare` and `demo` build one trainer per
+# strategy on the same model and batch, and the allocator peak does not depend on the weights' values or the strategy.
+_CALIBRATED: dict[str, object] = {}
+
+
+def _calibration_key(model: torch.nn.Module, layers: dict, batch: dict, head_params: list, cfg, task) -> str:
+    """What the measured peaks depend on: every parameter's and buffer's name / shape / dtype / trainability (so
+    the architecture and the LoRA layers), the batch's contents (a causal LM's loss keeps fp32 logits of its
+    response positions only), the head, the optimizer, the backend and the task's loss."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}:{t.requires_grad};".encode())
+    for m, layer in layers.items():
+        h.update(f"lora:{m}:{tuple(layer.lora_A.shape)}:{tuple(layer.lora_B.shape)}:{layer.lora_A.dtype};".encode())
+    for k in sorted(batch):
+        v = batch[k]
+        h.update(f"batch:{k}:{tuple(v.shape)}:{v.dtype};".encode())
+        h.update(v.detach().contiguous().cpu().numpy().tobytes())
+    h.update(f"head:{[tuple(p.shape) for p in head_params]};{cfg.optimizer};{cfg.backend};{task!r}".encode())
+    h.update(type(model).__qualname__.encode())
+    return h.hexdigest()
 
 
 class Planner:
     """Per-client plans (module -> rank) from `solvers`, with the memory model of the shared model."""
 
     def __init__(self, model: torch.nn.Module, layers: dict, cfg: FederatedConfig, allocation: str,
-                 calibration_batch: dict | None = None, head_params: list | None = None) -> None:
+                 calibration_batch: dict | None = None, head_params: list | None = None, *, task=None) -> None:
+        """``task``: the run's `fedkernels.federated.tasks.Task`; its ``loss`` is what the memory model is calibrated
+        on and importance is scored with (a causal LM's logits over the vocabulary are a large rank-independent
+        term of the peak), ``calibration_batch`` its `Task.probe_batch`."""
         from fedkernels.nn import layer_index
         from solvers.memory_model import MemoryModel
         from solvers.strategies import strategy_traits
@@ -64,19 +91,26 @@ class Planner:
             blocks[m] = idx if idx is not None else i
         if calibration_batch is None:
             raise ConfigError("Planner needs a calibration batch to measure the model's training memory")
+        if task is None:
+            raise ConfigError("Planner needs the run's task (its loss calibrates the memory model), got None")
+        self.task = task
         # Calibrated by measurement on the very model the clients train (saved-tensor hooks and the step's
         # allocator peak, `solvers.measure`), so plans are checked against the peak training really reaches.
         # Train mode: dropout masks are saved for backward during training, so calibrate with them.
         was_training = model.training
         model.train()
-        self.memory = MemoryModel.from_model(
-            model, calibration_batch,
-            {m: [layer.lora_A, layer.lora_B] for m, layer in layers.items()},
-            blocks,
-            loss_fn=_classification_loss,
-            optimizer=cfg.optimizer,
-            always_trainable=list(head_params or []),
-        )
+        key = _calibration_key(model, layers, calibration_batch, head_params or [], cfg, task)
+        if key not in _CALIBRATED:
+            _CALIBRATED.clear()  # one entry: a compare / demo runs strategies on one model and batch in turn
+            _CALIBRATED[key] = MemoryModel.from_model(
+                model, calibration_batch,
+                {m: [layer.lora_A, layer.lora_B] for m, layer in layers.items()},
+                blocks,
+                loss_fn=task.loss,
+                optimizer=cfg.optimizer,
+                always_trainable=list(head_params or []),
+            )
+        self.memory = _CALIBRATED[key]
         margin = getattr(cfg, "memory_margin", 0.0)
         if isinstance(margin, bool) or not isinstance(margin, int | float) or not 0 <= margin < 1:
             raise ConfigError(f"FederatedConfig.memory_margin must be a fraction in [0, 1), got {margin!r}")
@@ -89,7 +123,7 @@ class Planner:
             from solvers.importance import fisher_scores
 
             scores = fisher_scores(model, [calibration_batch], {m: [l.lora_A, l.lora_B] for m, l in layers.items()},
-                                   loss_fn=_classification_loss)
+                                   loss_fn=task.loss)
             total = sum(scores.values())
             self.importance = {m: v / total for m, v in scores.items()} if total > 0 else None
         model.train(was_training)

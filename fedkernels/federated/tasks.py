@@ -30,20 +30,26 @@ __all__ = ["Task", "ClassificationTask", "CausalLMTask", "TASKS", "get_task", "i
 
 
 class Task:
-    """Base of the task kinds. Subclasses declare ``name``, ``columns`` (the columns a dataset needs) and
-    ``trains_head`` (whether a head is trained by every client and averaged, beside the adapters)."""
+    """Base of the task kinds. Subclasses declare ``name``, ``columns`` (the columns a dataset needs),
+    ``trains_head`` (whether a head is trained by every client and averaged, beside the adapters) and
+    ``headline_metric`` (the `evaluate` key the round table, progress bar and compare report; higher is better)."""
 
     name: ClassVar[str]
     columns: ClassVar[tuple[str, ...]]
     trains_head: ClassVar[bool]
+    headline_metric: ClassVar[str]
+    peft_task_type: ClassVar[str | None]  # the export's peft task type (None: a plain `PeftModel`)
+
+    def num_labels(self, dataset) -> int | None:
+        """The size of the head `build_model` needs for ``dataset`` (None: the task trains no head)."""
+        return None
 
     def tokenize(self, dataset, tokenizer, seq_len: int, max_examples: int | None = None, seed: int = 0):
         raise NotImplementedError
 
     def build_model(self, name: str, lora, *, seed: int, num_labels: int | None = None, targets=None):
         """(tokenizer, model with LoRA layers, layers by name, trained head name or None). ``targets``: the
-        adapted modules; None: ``lora.target_modules`` for classification, the architecture's default
-        (`fedkernels.federated.model.default_lora_targets`) for causal-lm.
+        adapted modules; None: the architecture's default (`fedkernels.federated.model.default_lora_targets`).
         """
         raise NotImplementedError
 
@@ -73,6 +79,11 @@ class Task:
         """Whether round ``round_idx`` (1-based) runs the generation metrics: never for this kind."""
         return False
 
+    def held_out(self, pool: np.ndarray, keys: np.ndarray, max_eval: int) -> np.ndarray:
+        """The evaluated rows (sorted) of the held-out ``pool`` (a seeded permutation's head), at most ``max_eval``:
+        the ``max_eval`` lowest indices (the classification runs' split since the first release)."""
+        return np.sort(pool)[:max_eval]
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
@@ -81,6 +92,15 @@ class ClassificationTask(Task):
     name = "classification"
     columns = ("text", "label")
     trains_head = True
+    headline_metric = "accuracy"
+    peft_task_type = None  # the head travels as modules_to_save; peft's SEQ_CLS would add its own classifier
+
+    def num_labels(self, dataset) -> int:
+        feature = dataset.features.get("label")
+        if feature is None or not hasattr(feature, "num_classes"):
+            raise ConfigError(f"classification needs a ClassLabel 'label' column to size its head; columns found: "
+                              f"{list(dataset.column_names)}")
+        return int(feature.num_classes)
 
     def tokenize(self, dataset, tokenizer, seq_len: int, max_examples: int | None = None, seed: int = 0):
         from fedkernels.federated.data import tokenize
@@ -92,9 +112,7 @@ class ClassificationTask(Task):
 
         if num_labels is None:
             raise ConfigError("classification needs num_labels to build its head, got None")
-        if targets is not None:
-            lora = type(lora)(**{**lora.__dict__, "target_modules": targets})
-        return build_model(name, num_labels, lora, seed=seed)
+        return build_model(name, num_labels, lora, seed=seed, targets=targets)
 
     def loss_from_logits(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return F.cross_entropy(logits.float(), batch["labels"])
@@ -148,6 +166,8 @@ class CausalLMTask(Task):
     name = "causal-lm"
     columns = ("instruction", "output")
     trains_head = False
+    headline_metric = "rougeL"
+    peft_task_type = "CAUSAL_LM"  # PeftModel.from_pretrained returns PeftModelForCausalLM, which generates
 
     def __init__(self, *, eval_every: int = 1, max_new_tokens: int = 32, gen_eval_per_task: int = 16) -> None:
         for key, v, lo in (("eval_every", eval_every, 1), ("max_new_tokens", max_new_tokens, 1),
@@ -194,6 +214,15 @@ class CausalLMTask(Task):
 
     def generates_at(self, round_idx: int, rounds: int) -> bool:
         return self.gen_eval_per_task > 0 and (round_idx % self.eval_every == 0 or round_idx == rounds)
+
+    def held_out(self, pool: np.ndarray, keys: np.ndarray, max_eval: int) -> np.ndarray:
+        """Round-robin over the tasks in ``pool``'s (random) order, so every task is evaluated: instruction sets
+        are stored task by task, and the lowest ``max_eval`` indices of instruct-mix's 300-row demo split held
+        only 2 of its 3 tasks."""
+        pool = np.asarray(pool)
+        by_task = [pool[keys[pool] == t] for t in np.unique(keys[pool])]
+        picked = [rows[i] for i in range(max(len(r) for r in by_task)) for rows in by_task if i < len(rows)]
+        return np.sort(np.asarray(picked[:max_eval], dtype=pool.dtype))
 
     @torch.no_grad()
     def generate(self, model: nn.Module, data: InstructionData, rows: Sequence[int], *,

@@ -22,12 +22,12 @@ import torch
 from fedkernels.errors import CheckpointError, ClientUpdateError, ConfigError, RunFailedError, RunFolderError
 from fedkernels.federated import planning
 from fedkernels.federated.checkpoint import RunState, load_latest, save_checkpoint
-from fedkernels.federated.client import ClientResult, LocalTraining, Replay, SharedModel, fault_injector
+from fedkernels.federated.client import ClientResult, LocalTraining, SharedModel, fault_injector
 from fedkernels.federated.config import PRESETS, FederatedConfig
-from fedkernels.federated.data import TokenizedData, load_dataset, partition, rng_for, tokenize
+from fedkernels.federated.data import TokenizedData, load_dataset, partition, rng_for
 from fedkernels.federated.executor import ClientExecutor, ParallelExecutor, RoundJob, RoundOutcome, SequentialExecutor
-from fedkernels.federated.model import build_model
 from fedkernels.federated.rundir import RunDirectory
+from fedkernels.federated.tasks import Task, task_from_config
 from fedkernels.io import atomic_write_json
 from fedkernels.nn import LoRAConfig, export_peft
 
@@ -38,6 +38,9 @@ log = logging.getLogger("fedkernels.federated")
 
 @dataclass
 class RunSummary:
+    """``final_accuracy``: the last round's accuracy (NaN for a task without it); ``metric`` names the task's
+    headline metric (`Task.headline_metric`) and ``final_metric`` its last value (NaN if never evaluated)."""
+
     rounds: int
     final_accuracy: float
     final_loss: float
@@ -45,6 +48,20 @@ class RunSummary:
     output_dir: Path
     adapter_dir: Path | None
     allocation: list[list[float]] | None = None  # clients x layers trained share, filled by `compare`
+    metric: str = "accuracy"
+    final_metric: float = float("nan")
+
+    def __post_init__(self) -> None:
+        if self.metric == "accuracy" and math.isnan(self.final_metric):  # a summary built with accuracy only
+            self.final_metric = self.final_accuracy
+
+
+def last_metric(history: list[dict], name: str) -> float:
+    """The latest value of ``name`` in the metrics records (generation metrics are not in every round's)."""
+    for h in reversed(history):
+        if name in h:
+            return float(h[name])
+    return float("nan")
 
 
 def make_rule(cfg: FederatedConfig):
@@ -62,12 +79,13 @@ class Prepared:
     tokenizer: object
     model: torch.nn.Module
     layers: dict
-    head_name: str
-    head: torch.nn.Module
+    head_name: str | None
+    head: torch.nn.Module | None
     data: TokenizedData
     test_idx: np.ndarray
     train_idx: np.ndarray
     client_indices: list[np.ndarray]
+    task: Task
 
     @property
     def shared(self) -> SharedModel:
@@ -81,21 +99,23 @@ def prepare(cfg: FederatedConfig, dataset=None) -> Prepared:
     Deterministic in ``cfg`` (and ``dataset``): a Flower SuperNode calling it gets the same model and the same
     partition as the in-process trainer.
     """
-    ds = dataset if dataset is not None else load_dataset(cfg.dataset)
-    num_labels = ds.features["label"].num_classes
-    lora = LoRAConfig(r=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                      target_modules=list(cfg.lora_targets), backend=cfg.backend)
-    tokenizer, model, layers, head_name = build_model(cfg.model, num_labels, lora, seed=cfg.seed)
-    data = tokenize(ds, tokenizer, cfg.seq_len, cfg.max_examples, seed=cfg.seed)
-    labels = data.labels.numpy()
+    ds = dataset if dataset is not None else load_dataset(cfg.dataset, task=cfg.task, columns=cfg.columns)
+    task = task_from_config(cfg, ds.column_names)
+    lora = LoRAConfig(r=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, backend=cfg.backend)
+    targets = list(cfg.lora_targets) if cfg.lora_targets else None
+    tokenizer, model, layers, head_name = task.build_model(cfg.model, lora, seed=cfg.seed,
+                                                           num_labels=task.num_labels(ds), targets=targets)
+    data = task.tokenize(ds, tokenizer, cfg.seq_len, cfg.max_examples, seed=cfg.seed)
+    labels = task.partition_labels(data)
     rng = rng_for(cfg.seed, 0x7E57)
     perm = rng.permutation(len(labels))
     n_test = max(1, int(round(cfg.test_fraction * len(labels))))
-    test_idx = np.sort(perm[:n_test])[: cfg.max_eval]
+    test_idx = task.held_out(perm[:n_test], labels, cfg.max_eval)
     train_idx = np.sort(perm[n_test:])
     parts = partition(labels[train_idx], cfg.num_clients, cfg.partition_spec(), cfg.seed)
-    return Prepared(tokenizer, model, layers, head_name, model.get_submodule(head_name), data, test_idx, train_idx,
-                    [train_idx[p] for p in parts])
+    head = None if head_name is None else model.get_submodule(head_name)
+    return Prepared(tokenizer, model, layers, head_name, head, data, test_idx, train_idx,
+                    [train_idx[p] for p in parts], task)
 
 
 class FederatedTrainer:
@@ -130,7 +150,7 @@ class FederatedTrainer:
         self.out = Path(config.output_dir)
         self._dataset = dataset
         self._setup()
-        self.settings = LocalTraining.from_config(config)
+        self.settings = LocalTraining.from_config(config, task=self.task)
         self.executor = executor if executor is not None else self._default_executor()
 
     # ------------------------------------------------------------------ set-up
@@ -138,6 +158,7 @@ class FederatedTrainer:
         cfg = self.cfg
         prep = prepare(cfg, self._dataset)
         self.tokenizer, self.model, self.layers = prep.tokenizer, prep.model, prep.layers
+        self.task = prep.task
         self.head_name = prep.head_name
         self.head = prep.head
         self.shared = prep.shared
@@ -149,9 +170,10 @@ class FederatedTrainer:
         preset = PRESETS[cfg.strategy]
         self.allocation = cfg.allocation or preset.allocation
         self.rule_name = preset.rule
-        calib = self.data.batch(np.take(train_idx, range(cfg.batch_size), mode="wrap"))
+        calib = self.task.probe_batch(self.data, train_idx, cfg.batch_size)
         self.planner = planning.Planner(self.model, self.layers, cfg, self.allocation, calibration_batch=calib,
-                                        head_params=list(self.head.parameters()))
+                                        head_params=[] if self.head is None else list(self.head.parameters()),
+                                        task=self.task)
         self.budgets = self.planner.client_budgets()
         self.planner.check_feasible(self.budgets)  # stops the run before round 1, naming the client
         self.configured_budgets = dict(self.budgets)  # the config's; an executor may report others per round
@@ -162,7 +184,8 @@ class FederatedTrainer:
             {m: (l.lora_A.detach().clone(), l.lora_B.detach().clone()) for m, l in self.layers.items()},
             {m: l.scale for m, l in self.layers.items()},
         )
-        self.global_head = {k: v.detach().clone() for k, v in self.head.state_dict().items()}
+        self.global_head = {} if self.head is None else {k: v.detach().clone()
+                                                         for k, v in self.head.state_dict().items()}
         self.client_starts: dict[int, dict] = {}
         self.history: list[dict] = []
         self.round = 0
@@ -200,7 +223,7 @@ class FederatedTrainer:
         for m, layer in self.layers.items():
             expected[f"global.{m}.A"] = layer.lora_A.shape
             expected[f"global.{m}.B"] = layer.lora_B.shape
-        expected.update({f"head.{k}": v.shape for k, v in self.head.state_dict().items()})
+        expected.update({f"head.{k}": v.shape for k, v in self.global_head.items()})
         return RunState.from_tensors(tensors, meta, expected=expected, source=source,
                                      base_modules=list(self.layers) if self.rule.mutates_base else None)
 
@@ -240,11 +263,16 @@ class FederatedTrainer:
             while self.round < self.cfg.rounds:
                 record = self._run_round(self.round + 1, bar)
                 self.commit_round(record)
-                bar.update(task, completed=self.round,
-                           description=f"{self.cfg.strategy} acc={record['accuracy']:.3f}")
+                bar.update(task, completed=self.round, description=f"{self.cfg.strategy} {self.headline(record)}")
                 if stop_after is not None and self.round >= stop_after:
                     break
         return self.end_run()
+
+    def headline(self, record: dict) -> str:
+        """``loss=... <headline metric>=...`` of a metrics record (the metric only on rounds that computed it)."""
+        name = self.task.headline_metric
+        text = f"loss={record['loss']:.3f}"
+        return text + (f" {name}={record[name]:.3f}" if name in record else "")
 
     def begin_run(self, *, resume: bool = False) -> None:
         """Open the run folder (`fedkernels.federated.rundir.RunDirectory`): take its lock, delete stale temp
@@ -315,12 +343,17 @@ class FederatedTrainer:
             done = self.round >= cfg.rounds
             failed = done and bool(self.history) and not any(h["succeeded"] for h in self.history)
             adapter_dir = self._export() if done and not failed else None
-            last = self.history[-1] if self.history else {"accuracy": float("nan"), "loss": float("nan")}
-            summary = RunSummary(self.round, last["accuracy"], last["loss"], self.history, self.out, adapter_dir)
+            last = self.history[-1] if self.history else {}
+            metric = self.task.headline_metric
+            summary = RunSummary(self.round, float(last.get("accuracy", float("nan"))),
+                                 float(last.get("loss", float("nan"))), self.history, self.out, adapter_dir,
+                                 metric=metric, final_metric=last_metric(self.history, metric))
             if done:
                 atomic_write_json(self.out / "summary.json", {
-                    "strategy": cfg.strategy, "rounds": self.round, "final_accuracy": last["accuracy"],
-                    "final_loss": last["loss"], "adapter": str(adapter_dir) if adapter_dir else None,
+                    "strategy": cfg.strategy, "rounds": self.round, "task": self.task.name,
+                    "final_accuracy": summary.final_accuracy, "final_loss": summary.final_loss,
+                    "metric": metric, "final_metric": summary.final_metric,
+                    "adapter": str(adapter_dir) if adapter_dir else None,
                     "failed": failed,
                     "total_bytes_up": sum(h["bytes_up"] for h in self.history),
                     "total_bytes_down": sum(h["bytes_down"] for h in self.history),
@@ -431,14 +464,13 @@ class FederatedTrainer:
         timings["aggregate"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        acc, loss = self.evaluate()
+        metrics = self.evaluate(generate=self.task.generates_at(round_idx, cfg.rounds))
         timings["eval"] = time.perf_counter() - t
         results = outcome.results
         return {
             "round": round_idx,
             "strategy": cfg.strategy,
-            "accuracy": acc,
-            "loss": loss,
+            **metrics,
             "skipped": skipped,
             "sampled": sampled,
             "succeeded": [r.client_id for r in good],
@@ -466,32 +498,27 @@ class FederatedTrainer:
                 w.copy_(merged)
 
     @torch.no_grad()
-    def evaluate(self) -> tuple[float, float]:
-        """Accuracy and mean loss of the global model (all adapters at full rank + global head) on the test split."""
+    def evaluate(self, *, generate: bool = False) -> dict[str, float]:
+        """The task's metrics (`Task.evaluate`: accuracy and loss; or loss, perplexity and, with ``generate``,
+        ROUGE-L / exact match per task and macro) of the global model (all adapters at full rank + the global head)
+        on the test split."""
+        self._load_global()
+        return self.task.evaluate(self.model, self.data, self.test_idx, generate=generate)
+
+    def _load_global(self) -> None:
         from fedkernels.federated.client import load_adapter_state
 
         load_adapter_state(self.layers, self.global_state.factors)
-        self.head.load_state_dict(self.global_head)
+        if self.head is not None:
+            self.head.load_state_dict(self.global_head)
         self.model.eval()
-        correct, total_loss = 0, 0.0
-        for lo in range(0, len(self.test_idx), 64):
-            batch = self.data.batch(self.test_idx[lo: lo + 64])
-            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-            # the training loss on the pass already done (mean over the batch, so times its size for the sum)
-            total_loss += float(self.settings.loss_fn(Replay(logits, batch), batch)) * len(batch["labels"])
-            correct += int((logits.argmax(-1) == batch["labels"]).sum())
-        n = len(self.test_idx)
-        return correct / n, total_loss / n
 
     def _export(self, target: Path | None = None) -> Path | None:
         """The peft adapter in ``target`` (default ``output_dir/adapter``); under a rule that `mutates_base` (FLoRA)
         also the merged base weights in ``merged_base_weights.safetensors`` beside ``adapter/`` (inside
         ``target`` when one is given), written first: without them the adapter does not reproduce the model, and
         with B = 0 after FLoRA's restart there may be no adapter to export at all."""
-        from fedkernels.federated.client import load_adapter_state
-
-        load_adapter_state(self.layers, self.global_state.factors)
-        self.head.load_state_dict(self.global_head)
+        self._load_global()
         target = Path(target) if target is not None else self.out / "adapter"
         if self.rule.mutates_base:
             from fedkernels.io import atomic_save_safetensors
@@ -500,7 +527,7 @@ class FederatedTrainer:
             atomic_save_safetensors({m: l.base_layer.weight for m, l in self.layers.items()},
                                     base_dir / "merged_base_weights.safetensors")
         try:
-            export_peft(self.model, target, base_model_name_or_path=self.cfg.model)
+            export_peft(self.model, target, base_model_name_or_path=self.cfg.model, task_type=self.task.peft_task_type)
         except Exception as exc:  # noqa: BLE001 - e.g. FLoRA: everything merged, nothing left to export
             log.info("no peft adapter exported: %s", exc)
             return None

@@ -37,7 +37,8 @@ _CACHE: dict[str, Prepared] = {}
 # the FederatedConfig fields `prepare` reads, plus the strategy (FLoRA rewrites the cached base weights): configs
 # equal on these share one prepared model
 _PREPARE_KEYS = ("model", "dataset", "seq_len", "max_examples", "seed", "test_fraction", "max_eval", "num_clients",
-                 "partition", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "backend", "strategy")
+                 "partition", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "backend", "strategy", "task",
+                 "columns")
 
 
 def _prepared(cfg: FederatedConfig) -> Prepared:
@@ -61,7 +62,8 @@ def node_info(context: Context) -> dict:
 
 
 def train_handler(msg: Message, context: Context) -> Message:
-    """Train the client this node holds under the plan in ``msg`` and reply with its factors and head."""
+    """Train the client this node holds under the plan in ``msg`` (the task's loss, `Prepared.task`) and reply with
+    its factors and head (none for a task without one)."""
     msg_job = wire.decode_train_message(msg.content)
     cid = msg_job["client_id"]
     mine = node_info(context)["partition-id"]
@@ -76,7 +78,7 @@ def train_handler(msg: Message, context: Context) -> Message:
     job = ClientJob(client_id=cid, round_idx=msg_job["round"], plan=msg_job["plan"], start=msg_job["start"],
                     global_factors=msg_job["global"], global_head=msg_job["head"], indices=prep.client_indices[cid],
                     penalty=make_rule(cfg).local_penalty(cid), measure_memory=msg_job["measure_memory"])
-    res = train_client(job, on=prep.shared, settings=LocalTraining.from_config(cfg))
+    res = train_client(job, on=prep.shared, settings=LocalTraining.from_config(cfg, task=prep.task))
     res = inject_fault(cfg.faults.get(str(cid)), cid, res)  # the same demo/test faults as in-process
     return Message(wire.encode_reply(res), reply_to=msg)
 

@@ -101,8 +101,12 @@ class HeteroLoRAStrategy(Strategy):
         outcome = self.executor.collect(rnd.job, replies, waited_s=t - rnd.sent_at)
         record = self.trainer.finish_round(rnd.job, outcome, {"plan": rnd.plan_s, "train": t - rnd.sent_at})
         self.records[server_round] = record
+        # the task's evaluation (`Task.evaluate`): loss always; accuracy, or perplexity and, on generation rounds,
+        # ROUGE-L / exact match per task and macro
+        evaluated = {k: float(v) for k, v in record.items()
+                     if k in ("accuracy", "loss", "perplexity") or k.split("/")[0] in ("rougeL", "exact_match", "loss")}
         return self.global_arrays(), MetricRecord({
-            "accuracy": float(record["accuracy"]), "loss": float(record["loss"]),
+            **evaluated,
             "skipped": int(record["skipped"]), "succeeded": len(record["succeeded"]),
             "bytes-up": int(record["bytes_up"]), "bytes-down": int(record["bytes_down"]),
         })

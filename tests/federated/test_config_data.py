@@ -73,7 +73,7 @@ def test_pathological_gives_k_classes():
     ("rounds: 2.5\n", r"FederatedConfig\.rounds must be an integer, got 2\.5"),
     ("rounds: true\n", r"FederatedConfig\.rounds must be an integer, got True"),
     ("measure_memory: 1\n", r"FederatedConfig\.measure_memory must be true or false, got 1"),
-    ("lora_targets: query\n", r"FederatedConfig\.lora_targets must be a list of a string, got 'query'"),
+    ("lora_targets: query\n", r"FederatedConfig\.lora_targets must be a list of a string or None, got 'query'"),
     ("budgets: [1GiB, 2]\nnum_clients: 2\n", r"FederatedConfig\.budgets\[1\] must be a string, got 2 \(int\)"),
     ("max_examples: '100'\n", r"FederatedConfig\.max_examples must be an integer or None, got '100'"),
     ("faults: [raise]\n", r"FederatedConfig\.faults must be a mapping"),

@@ -395,3 +395,28 @@ def test_the_trainer_loop_runs_on_the_flower_executor_too(tmp_path):
     assert summary.rounds == 2 and executor.bytes_log and len(executor.bytes_log) == 2
     a, b = factors(strategy.trainer.global_state), factors(trainer.global_state)
     assert a.keys() == b.keys() and all(torch.equal(a[m][0], b[m][0]) and torch.equal(a[m][1], b[m][1]) for m in a)
+
+
+def test_flower_runs_the_causal_lm_task_like_in_process(tmp_path):
+    """The LM task through the ClientApp (nodes rebuild it from the config's dataset file): no head on the wire,
+    the same global adapter and held-out loss / ROUGE-L as the in-process trainer."""
+    from tests.federated.test_llm_runs import BASE as LM_BASE
+    from tests.federated.test_llm_runs import instructions
+
+    path = tmp_path / "instructions.jsonl"
+    instructions().to_json(str(path), lines=True)
+
+    def lm(name, **kw):
+        return FederatedConfig(**{**LM_BASE, "model": "tiny-llama", "dataset": str(path),
+                                  "output_dir": str(tmp_path / name), **kw})
+
+    ref = FederatedTrainer(lm("ref"))
+    ref.run()
+    strategy = HeteroLoRAStrategy(lm("flwr"), round_timeout=60)
+    summary = strategy.start(grid_for(strategy))
+    assert summary.rounds == 2 and strategy.trainer.global_head == {} and summary.metric == "rougeL"
+    assert_close_factors(factors(strategy.trainer.global_state), factors(ref.global_state))
+    got, want = summary.history, ref.history
+    assert [h["succeeded"] for h in got] == [h["succeeded"] for h in want] and all(h["succeeded"] for h in got)
+    assert [h["loss"] for h in got] == pytest.approx([h["loss"] for h in want], rel=1e-5)
+    assert [h["rougeL"] for h in got] == pytest.approx([h["rougeL"] for h in want])
