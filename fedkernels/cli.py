@@ -312,7 +312,8 @@ def _compare_suite(name, extra, config, entries, partitions, seeds, root, out, j
 # tweet sentiment), one task per client. Measured on the shared 2-core machine at load average ~5: 28.6 min for the
 # four strategies (memory-model calibration, 37 steps, ~4 min once thanks to the planner's per-process cache; a
 # round's 3 clients x 3 steps of 1 x 128 tokens plus their memory measurements ~85-195 s; eval 23-117 s with
-# generation), i.e. about 2.5 cores' worth of contention over the 15-minute target. Batch 1 x 128 tokens: 1 of
+# generation), over the 15-minute target; fedpilot alone at load ~1: 6.3 min, of which calibration ~4 min and the
+# two rounds 20 s + 63 s (the second with generation), so ~11 min for the four. Batch 1 x 128 tokens: 1 of
 # the 300 rows is dropped (at 96 tokens 262 of 600 were). The tiers alternate so that each task is held by
 # clients of two different tiers (with tiers i % 3 and tasks i % 3 every task would sit in one tier).
 INSTRUCT_DEMO = {
