@@ -92,13 +92,16 @@ def plot_runs(runs: dict[tuple[str, str, int], RunSummary], path: Path) -> Path:
     metric = next(iter(runs.values())).metric  # the task's headline metric (accuracy, or ROUGE-L)
     curves = {s: [[h[metric] for h in r.history if metric in h] for (ss, p, _), r in runs.items()
                   if ss == s and p == part] for s in strategies}
+    # a metric logged only every eval_every rounds (generation scores) is drawn at the rounds that logged it
+    first = next(iter(runs.values())).history
+    rounds = [int(h["round"]) for h in first if metric in h]
     maps = {s: next(r for (ss, p, _), r in runs.items() if ss == s and p == part).allocation for s in strategies}
     ncols = min(HEATMAP_COLS, len(strategies))
     nrows = math.ceil(len(strategies) / ncols)
     fig = plt.figure(figsize=(3.4 * ncols + 1.2, 4.2 + 2.8 * nrows), layout="constrained")
     grid = fig.add_gridspec(1 + nrows, ncols, height_ratios=[1.5] + [1] * nrows)
     top = fig.add_subplot(grid[0, :])
-    _draw_curves(top, curves, strategies, f"{metric} vs round ({part})", metric=metric)
+    _draw_curves(top, curves, strategies, f"{metric} vs round ({part})", metric=metric, rounds=rounds)
     top.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=9, frameon=False)
     axes = [fig.add_subplot(grid[1 + i // ncols, i % ncols]) for i in range(len(strategies))]
     _draw_heatmaps(fig, axes, maps, strategies)
@@ -110,9 +113,9 @@ _STYLES = ("-", "--", ":", "-.")
 
 
 def _draw_curves(ax, curves: dict[str, list[list[float]]], order: list[str], title: str, *,
-                 metric: str = "accuracy") -> None:
+                 metric: str = "accuracy", rounds: list[int] | None = None) -> None:
     """Mean over seeds of each strategy's accuracy curve (truncated to its shortest seed), tab20 colours and
-    four line styles so 16 strategies stay distinguishable."""
+    four line styles so 16 strategies stay distinguishable. ``rounds``: the round of each point (default 1..n)."""
     import matplotlib.pyplot as plt
     import numpy as np
 
@@ -123,7 +126,8 @@ def _draw_curves(ax, curves: dict[str, list[list[float]]], order: list[str], tit
             continue
         n = min(len(c) for c in runs)
         mean = 100 * np.mean([c[:n] for c in runs], axis=0)
-        ax.plot(range(1, n + 1), mean, color=cmap(i % 20), linestyle=_STYLES[(i // 10) % len(_STYLES)],
+        xs = rounds[:n] if rounds is not None and len(rounds) >= n else range(1, n + 1)
+        ax.plot(xs, mean, color=cmap(i % 20), linestyle=_STYLES[(i // 10) % len(_STYLES)],
                 linewidth=1.6, marker="o" if n <= 10 else None, markersize=3, label=s)
     ax.set_xlabel("round")
     ax.set_ylabel(f"held-out {metric} (%)")

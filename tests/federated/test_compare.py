@@ -86,3 +86,23 @@ def test_compare_runs_every_combination_into_its_own_folder(tmp_path, bbc):
     # another seed is another run (different initialisation and sampling), not a copy
     h0, h1 = runs[("fedit-full", "iid", 0)].history, runs[("fedit-full", "iid", 1)].history
     assert (h0[0]["loss"], h0[0]["accuracy"]) != (h1[0]["loss"], h1[0]["accuracy"])
+
+
+def test_a_metric_logged_every_few_rounds_is_drawn_at_its_rounds():
+    """ROUGE-L logged only on eval_every rounds (2, 4) must sit at x = 2, 4, not at 1, 2."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fedkernels.federated.compare import _draw_curves
+
+    fig, ax = plt.subplots()
+    _draw_curves(ax, {"fedpilot": [[0.2, 0.4]]}, ["fedpilot"], "t", metric="rougeL", rounds=[2, 4])
+    (line,) = ax.get_lines()
+    assert list(line.get_xdata()) == [2, 4] and list(line.get_ydata()) == [20.0, 40.0]
+    fig2, ax2 = plt.subplots()
+    _draw_curves(ax2, {"fedpilot": [[0.5, 0.6, 0.7]]}, ["fedpilot"], "t")  # every round logged: 1..n
+    assert list(ax2.get_lines()[0].get_xdata()) == [1, 2, 3]
+    plt.close(fig)
+    plt.close(fig2)
