@@ -12,6 +12,7 @@ evaluation. The rest of the federation (planner, client training, aggregation, F
 
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -29,7 +30,7 @@ __all__ = ["Task", "ClassificationTask", "CausalLMTask", "TASKS", "get_task", "i
            "rouge_l"]
 
 
-class Task:
+class Task(abc.ABC):
     """Base of the task kinds. Subclasses declare ``name``, ``columns`` (the columns a dataset needs),
     ``trains_head`` (whether a head is trained by every client and averaged, beside the adapters) and
     ``headline_metric`` (the `evaluate` key the round table, progress bar and compare report; higher is better)."""
@@ -44,25 +45,28 @@ class Task:
         """The size of the head `build_model` needs for ``dataset`` (None: the task trains no head)."""
         return None
 
+    @abc.abstractmethod
     def tokenize(self, dataset, tokenizer, seq_len: int, max_examples: int | None = None, seed: int = 0):
-        raise NotImplementedError
+        """The dataset as tokenised batches of this task (an object with ``len`` and ``batch(idx)``)."""
 
+    @abc.abstractmethod
     def build_model(self, name: str, lora, *, seed: int, num_labels: int | None = None, targets=None):
         """(tokenizer, model with LoRA layers, layers by name, trained head name or None). ``targets``: the
         adapted modules; None: the architecture's default (`fedkernels.federated.model.default_lora_targets`).
         """
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def loss_from_logits(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        raise NotImplementedError
+        """The training loss from the model's logits (parallel clients slice the logits per client)."""
 
+    @abc.abstractmethod
     def evaluate(self, model: nn.Module, data, idx: Sequence[int], *, generate: bool = False,
                  batch_size: int = 32) -> dict[str, float]:
-        raise NotImplementedError
+        """Held-out metrics of ``model`` on rows ``idx`` of ``data`` (``generate``: the generation metrics too)."""
 
+    @abc.abstractmethod
     def partition_labels(self, data) -> np.ndarray:
         """One key per example that the partitioners split on (class id, or task id)."""
-        raise NotImplementedError
 
     # ------------------------------------------------------------------ shared
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
