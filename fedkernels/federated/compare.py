@@ -94,7 +94,7 @@ def plot_runs(runs: dict[tuple[str, str, int], RunSummary], path: Path) -> Path:
                   if ss == s and p == part] for s in strategies}
     # a metric logged only every eval_every rounds (generation scores) is drawn at the rounds that logged it
     first = next(iter(runs.values())).history
-    rounds = [int(h["round"]) for h in first if metric in h]
+    rounds = [int(h.get("round", i)) for i, h in enumerate(first, start=1) if metric in h]
     maps = {s: next(r for (ss, p, _), r in runs.items() if ss == s and p == part).allocation for s in strategies}
     ncols = min(HEATMAP_COLS, len(strategies))
     nrows = math.ceil(len(strategies) / ncols)
