@@ -190,7 +190,8 @@ def train(
     for col in ("round", metric, "loss", "clients ok", "MiB up", "s"):
         table.add_column(col, justify="right")
     for h in summary.history:
-        table.add_row(str(h["round"]), f"{h[metric]:.3f}" if metric in h else "-", f"{h['loss']:.3f}",
+        table.add_row(str(h["round"]), f"{h[metric]:.3f}" if metric in h else "-",
+                      f"{h['loss']:.3f}" if "loss" in h else "-",
                       f"{len(h['succeeded'])}/{len(h['sampled'])}" + (" skipped" if h["skipped"] else ""),
                       f"{h['bytes_up'] / 2**20:.2f}", f"{h['wall_s']:.1f}")
     console.print(table)
@@ -210,11 +211,12 @@ def _run_flower(cfg, engine: str, resume: bool):
 
     out = run_in_simulation(cfg, resume=resume) if engine == "flower" else run_local_deployment(cfg, resume=resume)
     history = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    last = history[-1]
+    last = next((h for h in reversed(history) if "loss" in h), history[-1])  # the last evaluated round
     adapter = out / "adapter"
     summary_path = out / "summary.json"
     metric = json.loads(summary_path.read_text()).get("metric", "accuracy") if summary_path.exists() else "accuracy"
-    return RunSummary(len(history), float(last.get("accuracy", float("nan"))), last["loss"], history, out,
+    return RunSummary(len(history), float(last.get("accuracy", float("nan"))), float(last.get("loss", float("nan"))),
+                      history, out,
                       adapter if adapter.is_dir() else None, metric=metric,
                       final_metric=last_metric(history, metric))
 

@@ -16,6 +16,10 @@
 * ``uniform-min``: every client gets the ``fedpilot`` plan of the smallest budget (the "bucket effect"
   baseline of homogeneous FedIT).
 * ``full``: every module at its maximum rank, budget ignored.
+* ``fk-adaptive`` (ours, not a paper's): the ``fedpilot`` knapsack over modules *and* ranks (every module may
+  take any rank choice, default powers of two up to the maximum), with importance that follows training: the
+  caller re-plans with IG-score values (`solvers.importance.ig_score`) whenever the aggregated update norms move
+  the importance (`StrategyTraits.adaptive`; `fedkernels.federated.planning.Planner` does it).
 
 When a client cannot afford one whole layer (layer strategies) or all modules at the smallest rank
 (hetlora/flexlora), it trains the modules of the top layer(s) that fit: our adaptation so that every budget
@@ -51,12 +55,15 @@ class StrategyTraits:
     clusters), which the caller must compute.
     ``ranks``: it allocates ranks rather than modules (HetLoRA/FlexLoRA-style): its cheapest plan is
     one module at the smallest rank choice. ``budgeted``: its plans fit the budgets (all but ``full``).
+    ``adaptive``: its plans are re-solved during the run from importance that follows training (IG-score of
+    the local Fisher mass and the aggregated update norms), when that importance changes.
     """
 
     randomised: bool = False
     needs_importance: bool = False
     ranks: bool = False
     budgeted: bool = True
+    adaptive: bool = False
 
 
 # base strategy name -> its traits (the registry `parse_strategy` validates against)
@@ -70,6 +77,7 @@ TRAITS: dict[str, StrategyTraits] = {
     "flexlora": StrategyTraits(ranks=True),
     "uniform-min": StrategyTraits(),
     "full": StrategyTraits(budgeted=False),
+    "fk-adaptive": StrategyTraits(needs_importance=True, ranks=True, adaptive=True),
 }
 _PATTERNED = ("fedhello-gd", "fedhello-rgd")
 _SIMPLE = tuple(n for n in TRAITS if n not in _PATTERNED)
@@ -256,6 +264,8 @@ def plan_clients(
 
     if base == "fedpilot":
         return _knapsack(ctx, budgets, rank_choices, backend, time_limit)
+    if base == "fk-adaptive":  # modules x ranks: one multiple-choice knapsack item per module
+        return _knapsack(ctx, budgets, rank_choices or memory.default_rank_choices(), backend, time_limit)
     if base == "uniform-min":
         low = min(budgets, key=lambda c: (budgets[c], str(c)))
         ref = _knapsack(ctx, {low: budgets[low]}, rank_choices, backend, time_limit)[low]

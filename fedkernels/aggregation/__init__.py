@@ -4,13 +4,15 @@ Rules (one file each; formulas and sources in shared/docs/algorithms.md): ``fedi
 baseline), ``ffa`` (A frozen, B averaged), ``flora`` (stacking, merged into the base, adapters re-initialised),
 ``hetlora`` (zero-padding with norm weighting, optional rank self-pruning), ``flexlora`` (SVD of the full-size
 weighted product, best rank-r_i approximation per client), ``fedra`` / ``fedhello`` (per-module average over the
-clients that trained it), ``fedpilot`` (per-module average with coverage/staleness compensation).
+clients that trained it), ``fedpilot`` (per-module average with coverage/staleness compensation); ``fk-adaptive``
+(ours: exact average of the product updates across ranks, bounded compensation, SVD back to the global rank).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from fedkernels.aggregation.adaptive import FKAdaptive
 from fedkernels.aggregation.base import (
     AggregationResult,
     AggregationRule,
@@ -39,7 +41,7 @@ __all__ = [
 ]
 
 _RULES: dict[str, type[AggregationRule]] = {
-    cls.name: cls for cls in (FedIT, FFA, FLoRA, HetLoRA, FlexLoRA, FedRA, FedHeLLo, FedPilot)
+    cls.name: cls for cls in (FedIT, FFA, FLoRA, HetLoRA, FlexLoRA, FedRA, FedHeLLo, FedPilot, FKAdaptive)
 }
 
 

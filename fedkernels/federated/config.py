@@ -35,6 +35,9 @@ PRESETS: dict[str, Preset] = {
     "flora": Preset("hetlora", "flora"),  # heterogeneous ranks (the HetLoRA allocation), stacked by FLoRA
     "fedit-min": Preset("uniform-min", "fedit"),
     "fedit-full": Preset("full", "fedit"),
+    # ours (issue 15, item 5): knapsack over modules x ranks re-solved as IG-score importance follows training,
+    # exact product-update aggregation across ranks with a bounded coverage compensation
+    "fk-adaptive": Preset("fk-adaptive", "fk-adaptive"),
 }
 STRATEGIES = tuple(PRESETS)
 PARTITIONS = ("iid", "dirichlet", "pathological", "task")
@@ -70,6 +73,8 @@ class FederatedConfig:
         min_fit_fraction: a round aggregates only if at least this share of sampled clients succeeded.
         planner_backend: solver backend for allocation plans (``dp``, ``greedy``, ``pulp``, ``cvxpy``).
         aggregation_options: extra keyword options of the aggregation rule.
+        allocation_options: options of an adaptive allocation (``fk-adaptive``), see
+            `fedkernels.federated.planning.AdaptiveOptions`: ``ig_lambda``, ``replan_tol``, ``decay``.
         parallel_clients: simulate this many clients per forward/backward with MultiLoRALinear (1 = off;
             see `fedkernels.federated.parallel`: clients needing a memory measurement, LoRA dropout > 0 and
             groups that raise are trained one at a time).
@@ -80,7 +85,10 @@ class FederatedConfig:
         output_dir: where metrics, checkpoints and the exported adapter go.
         task: ``classification`` or ``causal-lm``; None infers it from the dataset's columns (text/label or
             instruction/output).
-        eval_every: causal-lm: greedy generation (ROUGE-L, exact match) every this many rounds and at the last.
+        eval_every: the expensive evaluation every this many rounds: classification's held-out pass, causal-lm's
+            greedy generation (ROUGE-L, exact match; its loss/perplexity run every round).
+        eval_last: that evaluation also runs on each of the last this many rounds (a score averaged over the
+            last rounds needs every one of them).
         max_new_tokens: causal-lm: generation length cap.
         gen_eval_per_task: causal-lm: held-out rows per task that are generated and scored (0: none).
         columns: role -> column name of the dataset (roles text, label, instruction, input, output, task);
@@ -114,6 +122,7 @@ class FederatedConfig:
     min_fit_fraction: float = 0.5
     planner_backend: str = "dp"
     aggregation_options: dict[str, Any] = field(default_factory=dict)
+    allocation_options: dict[str, Any] = field(default_factory=dict)
     parallel_clients: int = 1
     measure_memory: bool = True
     # Relative safety margin on every predicted peak (allocator fragmentation): plans, the minimum and the budget
@@ -128,6 +137,7 @@ class FederatedConfig:
     # Task kind and causal-LM evaluation (fedkernels.federated.tasks): task None = inferred from the columns.
     task: str | None = None
     eval_every: int = 1
+    eval_last: int = 1
     max_new_tokens: int = 32
     gen_eval_per_task: int = 16
     columns: dict[str, str] = field(default_factory=dict)
@@ -182,7 +192,7 @@ class FederatedConfig:
                                   f"got {cid!r}")
         if self.task is not None and self.task not in TASK_KINDS:
             raise bad("task", f"must be None (inferred) or one of {list(TASK_KINDS)}")
-        for name, lo in (("eval_every", 1), ("max_new_tokens", 1), ("gen_eval_per_task", 0)):
+        for name, lo in (("eval_every", 1), ("eval_last", 1), ("max_new_tokens", 1), ("gen_eval_per_task", 0)):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise bad(name, f"must be an integer >= {lo}")
@@ -193,6 +203,10 @@ class FederatedConfig:
                                   f"{role!r}: {column!r}")
 
     # ------------------------------------------------------------------ helpers
+    def evaluates_at(self, round_idx: int) -> bool:
+        """Whether round ``round_idx`` (1-based) runs the expensive evaluation (``eval_every``, ``eval_last``)."""
+        return round_idx % self.eval_every == 0 or round_idx > self.rounds - self.eval_last
+
     def partition_spec(self) -> tuple[str, float | None]:
         kind, _, arg = self.partition.partition(":")
         if kind not in PARTITIONS:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -13,7 +15,44 @@ from fedkernels.federated.data import rng_for
 
 log = logging.getLogger("fedkernels.federated")
 
-__all__ = ["Planner", "read_budgets_csv"]
+__all__ = ["AdaptiveOptions", "Planner", "read_budgets_csv"]
+
+
+@dataclass(frozen=True)
+class AdaptiveOptions:
+    """How an adaptive allocation (``StrategyTraits.adaptive``: ``fk-adaptive``) follows training.
+
+    Importance is Fed-pilot's IG-score ``lam * F / sum F + (1 - lam) * U / sum U`` (algorithms.md sec. 1, our [I]
+    form, `solvers.importance.ig_score`) with F the Fisher mass of the probe batch at round 0 and U an exponential
+    moving average of each module's aggregated client-update norm (``||s_k B_k A_k - s_g B_g A_g||_F`` averaged over
+    the clients that trained it, which the rule reports in ``GlobalState.extra["update_norms"]``; averaging over
+    trainers only keeps U independent of how many clients could afford the module, so the low layers that only the
+    rich tier trains are not starved by their coverage). A module no client has trained yet counts at the mean U of
+    the others (optimistic, so it is not locked out before it had a chance). Plans are re-solved when the L1
+    distance between the importance the current plans were solved with and the current one exceeds
+    ``replan_tol`` (sums are 1, so the distance is in [0, 2]).
+
+    Free parameters (our interpretation; defaults tuned on seed 100, never on the reporting seeds):
+    ``ig_lambda`` (0.5, Fed-pilot's equal mix), ``replan_tol`` (0.05), ``decay`` (EMA weight of the old value, 0.5).
+    """
+
+    ig_lambda: float = 0.5
+    replan_tol: float = 0.05
+    decay: float = 0.5
+
+    def __post_init__(self) -> None:
+        for name, lo, hi in (("ig_lambda", 0.0, 1.0), ("replan_tol", 0.0, 2.0), ("decay", 0.0, 1.0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | float) or not lo <= v <= hi:
+                raise ConfigError(f"allocation_options.{name} must be a number in [{lo}, {hi}], got {v!r}")
+
+    @classmethod
+    def from_dict(cls, options: dict) -> AdaptiveOptions:
+        valid = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - valid)
+        if unknown:
+            raise ConfigError(f"allocation_options: unknown option(s) {unknown}; valid: {sorted(valid)}")
+        return cls(**options)
 
 
 def read_budgets_csv(path: str | Path, num_clients: int) -> dict[int, int]:
@@ -84,6 +123,13 @@ class Planner:
         self.layers = layers
         self.importance: dict[str, float] | None = None
         self._measured: dict[str, int] = {}
+        if cfg.allocation_options and not self.traits.adaptive:
+            raise ConfigError(f"allocation_options {sorted(cfg.allocation_options)} given, but allocation "
+                              f"{allocation!r} is not adaptive (only fk-adaptive takes them)")
+        self.adaptive = AdaptiveOptions.from_dict(cfg.allocation_options) if self.traits.adaptive else None
+        self._update_ema: dict[str, float] = {}  # module -> EMA of its aggregated client-update norm
+        self._plan_importance: dict[str, float] | None = None  # what the current fixed plans were solved with
+        self.replans: list[int] = []  # rounds at which an adaptive allocation re-solved its plans
         self._fixed: dict[int, object] | None = None
         blocks = {}
         for i, m in enumerate(layers):
@@ -126,6 +172,7 @@ class Planner:
                                    loss_fn=task.loss)
             total = sum(scores.values())
             self.importance = {m: v / total for m, v in scores.items()} if total > 0 else None
+        self.fisher = dict(self.importance or {})  # the local term of an adaptive allocation's IG-score
         model.train(was_training)
 
     # budgets ---------------------------------------------------------------
@@ -162,15 +209,26 @@ class Planner:
         from solvers.strategies import plan_clients
 
         randomised = self.traits.randomised
+        importance = self.importance
+        if self.adaptive is not None:
+            importance = self.current_importance()
+            if self._plan_importance is not None and _l1(importance, self._plan_importance) <= self.adaptive.replan_tol:
+                importance = self._plan_importance  # unchanged enough: the plans solved with it stay (also on resume)
+            elif self._fixed is not None or self._plan_importance is not None:
+                self._fixed = None
+                self.replans.append(int(round_idx))
+                log.info("round %d: importance moved by %.3f (> replan_tol %.3f); plans re-solved", round_idx,
+                         _l1(importance, self._plan_importance or {}), self.adaptive.replan_tol)
         if not randomised and self._fixed is not None and all(c in self._fixed for c in sampled):
             return {c: self._fixed[c] for c in sampled}
         seed = int(rng_for(self.cfg.seed, round_idx if randomised else 0, 0x9A7).integers(2**31))
         plans = plan_clients(
             self.allocation, self.memory, {c: budgets[c] for c in (sampled if randomised else budgets)},
-            seed=seed, importance=self.importance, backend=self.cfg.planner_backend,
+            seed=seed, importance=importance, backend=self.cfg.planner_backend,
         )
         if not randomised:
             self._fixed = plans
+            self._plan_importance = dict(importance) if self.adaptive is not None and importance else None
         return {c: plans[c] for c in sampled}
 
     # measurements ----------------------------------------------------------
@@ -184,8 +242,47 @@ class Planner:
     def record_measurement(self, plan: dict[str, int], nbytes: int) -> None:
         self._measured[self._key(plan)] = int(nbytes)
 
+    # adaptive allocation ---------------------------------------------------
+    def observe_updates(self, norms: dict[str, float]) -> None:
+        """Fold one round's aggregated update norms (module -> ``||delta||_F``, the rule's
+        ``GlobalState.extra["update_norms"]``) into the moving average the IG-score uses; non-finite or negative
+        values and unknown modules are ignored (they come from client factors the rule already validated)."""
+        if self.adaptive is None:
+            return
+        d = self.adaptive.decay
+        for m, v in norms.items():
+            if m not in self.layers or isinstance(v, bool) or not isinstance(v, int | float):
+                continue
+            if not math.isfinite(v) or v < 0:
+                continue
+            old = self._update_ema.get(m)
+            self._update_ema[m] = float(v) if old is None else d * old + (1 - d) * float(v)
+
+    def current_importance(self) -> dict[str, float]:
+        """The adaptive allocation's module values now: IG-score of the Fisher mass and the update-norm EMA."""
+        from solvers.importance import ig_score
+
+        names = list(self.layers)
+        if not self._update_ema:
+            fisher = self.fisher or {m: 1.0 / len(names) for m in names}
+            return {m: float(fisher.get(m, 0.0)) for m in names}
+        mean = sum(self._update_ema.values()) / len(self._update_ema)
+        norms = {m: self._update_ema.get(m, mean) for m in names}
+        return ig_score({m: float(self.fisher.get(m, 0.0)) for m in names}, norms, lam=self.adaptive.ig_lambda)
+
     def state_dict(self) -> dict:
-        return {"measured": dict(self._measured)}
+        return {"measured": dict(self._measured), "update_ema": dict(self._update_ema),
+                "plan_importance": None if self._plan_importance is None else dict(self._plan_importance),
+                "replans": list(self.replans)}
 
     def load_state_dict(self, state: dict) -> None:
         self._measured = dict(state.get("measured", {}))
+        self._update_ema = {str(k): float(v) for k, v in (state.get("update_ema") or {}).items()}
+        plan_imp = state.get("plan_importance")
+        self._plan_importance = None if plan_imp is None else {str(k): float(v) for k, v in plan_imp.items()}
+        self.replans = [int(r) for r in state.get("replans", [])]
+        self._fixed = None  # re-solved on the next round from the restored importance: the same plans
+
+
+def _l1(a: dict[str, float], b: dict[str, float]) -> float:
+    return float(sum(abs(a.get(k, 0.0) - b.get(k, 0.0)) for k in set(a) | set(b)))

@@ -69,8 +69,9 @@ class SuiteEntry:
         allocation: overrides the preset's allocation (``fedhello-gd:<pattern>`` ...), None = the preset's.
         reference: an upper bound that ignores the memory budgets (``fedit-full``): shown, but never the
             "best seed method" the others are compared to, since no budget-respecting client could run it.
-        ours: a strategy of this package rather than a paper's (none yet); never the reference either.
+        ours: a strategy of this package rather than a paper's (``fk-adaptive``); never the reference either.
         note: what the row is, for the Markdown report.
+        options: extra `FederatedConfig` fields of this row only (``aggregation_options`` of a tuning variant).
     """
 
     label: str
@@ -79,6 +80,7 @@ class SuiteEntry:
     reference: bool = False
     ours: bool = False
     note: str = ""
+    options: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
 
 def _hello_entries() -> tuple[SuiteEntry, ...]:
@@ -103,6 +105,8 @@ PRESET_ENTRIES: tuple[SuiteEntry, ...] = (
     SuiteEntry("fedit-min", "fedit-min", note="FedIT, everyone trains what the smallest client can"),
     SuiteEntry("fedit-full", "fedit-full", reference=True, note="FedIT training everything, budgets ignored"),
 )
+OURS = SuiteEntry("fk-adaptive", "fk-adaptive", ours=True,
+                  note="ours: knapsack over modules x ranks re-solved on IG-score, exact product-update aggregation")
 
 
 @dataclass(frozen=True)
@@ -150,10 +154,19 @@ class SuiteProtocol:
             for e in self.entries:
                 for seed in self.seeds:
                     folder = root / _safe(e.label) / _safe(part) / f"seed{seed}"
-                    cfg = FederatedConfig(**{**self.base, "strategy": e.strategy, "allocation": e.allocation,
-                                             "partition": part, "seed": seed, "output_dir": str(folder)})
+                    cfg = FederatedConfig(**{**self.base, **e.options, "strategy": e.strategy,
+                                             "allocation": e.allocation, "partition": part, "seed": seed,
+                                             "output_dir": str(folder)})
                     out.append(RunSpec(e, part, seed, folder, cfg))
         return out
+
+
+def protocol_config(protocol: SuiteProtocol):
+    """The protocol's base `FederatedConfig` (first entry's strategy), for its round and evaluation schedule."""
+    from fedkernels.federated.config import FederatedConfig
+
+    e = protocol.entries[0]
+    return FederatedConfig(**{**protocol.base, "strategy": e.strategy, "allocation": e.allocation})
 
 
 def _safe(name: str) -> str:
@@ -172,12 +185,12 @@ PAPER = SuiteProtocol(
                  "per round, 8 local AdamW steps of batch 8 x 64 tokens, LoRA r=8 on query/value, lr 5e-3; "
                  "global accuracy on 300 held-out articles after every round"),
     base=dict(model="minilm-l6", dataset="bbc-news", num_clients=20, fraction=0.25, rounds=PAPER_ROUNDS,
-              local_steps=8, batch_size=8, seq_len=64, lr=5e-3, lora_rank=8, lora_alpha=16.0,
-              budget_tiers=[0.15, 0.5, 1.0], max_eval=300),
+              local_steps=8, batch_size=8, seq_len=32, lr=5e-3, lora_rank=8, lora_alpha=16.0,
+              budget_tiers=[0.15, 0.5, 1.0], max_eval=300, eval_every=5, eval_last=5),
     partitions=("iid", "dirichlet:0.5", "dirichlet:0.1", "pathological:1"),
     seeds=(0, 1, 2),
     tail_rounds=5,
-    entries=PRESET_ENTRIES + _hello_entries(),
+    entries=PRESET_ENTRIES + (OURS,) + _hello_entries(),
     heatmap_partition="dirichlet:0.5",
     rounds_note=(" (pilot on tuning seed 100: fedpilot flat from round 6 of 40, docs/suite-pilot.md); score = mean "
                  "held-out accuracy of the last 5 rounds"),
@@ -198,7 +211,7 @@ QUICK = SuiteProtocol(
 PILOT = SuiteProtocol(
     name="pilot",
     description="the paper protocol's setting on tuning seed 100, dirichlet:0.5 only, 40 rounds, to choose the rounds",
-    base={**PAPER.base, "rounds": 40},
+    base={**PAPER.base, "rounds": 40, "eval_every": 1},
     partitions=("dirichlet:0.5",),
     seeds=(100,),
     entries=(PRESET_ENTRIES[0], PRESET_ENTRIES[7]),  # fedpilot and the budget-ignoring upper bound fedit-full
@@ -206,7 +219,26 @@ PILOT = SuiteProtocol(
     tail_rounds=5,
 )
 
-PROTOCOLS = {"paper": PAPER, "quick": QUICK, "pilot": PILOT}
+# Tuning of our strategy's free parameters (aggregation beta, re-plan tolerance) on tuning seeds only, on the two
+# non-IID partitions it is meant to win, beside the seed method that led there (docs/suite-tuning.md).
+TUNING = SuiteProtocol(
+    name="tuning",
+    description="fk-adaptive variants on tuning seed 100 (never a reporting seed), the paper protocol's setting",
+    base=dict(PAPER.base),
+    partitions=("dirichlet:0.1", "pathological:1"),
+    seeds=(100,),
+    entries=(
+        SuiteEntry("fk-adaptive", "fk-adaptive", ours=True, note="defaults (beta 0.5, eta_max 1.5, replan_tol 0.05)"),
+        SuiteEntry("fk-adaptive-beta0", "fk-adaptive", ours=True, note="no coverage compensation",
+                   options={"aggregation_options": {"beta": 0.0}}),
+        SuiteEntry("fedhello", "fedhello", note="Fed-HeLLo preset, the best seed method of the first slice"),
+        SuiteEntry("fedpilot", "fedpilot", note="Fed-pilot knapsack over modules"),
+    ),
+    tuning_seeds=(100,),
+    tail_rounds=5,
+)
+
+PROTOCOLS = {"paper": PAPER, "quick": QUICK, "pilot": PILOT, "tuning": TUNING}
 
 
 @dataclass
@@ -351,7 +383,9 @@ def worker(folder: str | os.PathLike) -> int:
     ckpt = latest_checkpoint(folder / "checkpoints")
     resume = ckpt is not None
     start_round = int(ckpt.name.removeprefix("round-")) if resume else 0  # save_checkpoint's round-00007 names
-    trainer = FederatedTrainer(cfg)
+    # The folder belongs to the suite (one run key): without a checkpoint to resume, whatever an interrupted
+    # attempt left (a metrics file whose checkpoints were not kept, e.g. a committed record) is started over.
+    trainer = FederatedTrainer(cfg, overwrite=not resume)
     setup_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     summary = trainer.run(resume=resume)
@@ -377,8 +411,9 @@ class RunResult:
     process_s: float = 0.0  # scheduler-measured wall time of every worker process of this run
 
     def score(self, tail: int) -> float:
-        """Mean held-out accuracy of the last ``tail`` logged rounds."""
-        accs = [float(h["accuracy"]) for h in self.history[-tail:]]
+        """Mean held-out accuracy of the last ``tail`` evaluated rounds (the protocol's ``eval_last`` evaluates them
+        all)."""
+        accs = [float(h["accuracy"]) for h in self.history if "accuracy" in h][-tail:]
         return statistics.fmean(accs) if accs else float("nan")
 
 
@@ -412,7 +447,8 @@ def round_rows(results: list[RunResult]) -> list[dict]:
             rows.append({
                 "entry": r.spec.entry.label, "strategy": r.spec.entry.strategy,
                 "allocation": r.spec.entry.allocation or "", "partition": r.spec.partition, "seed": r.spec.seed,
-                "round": h["round"], "finished": r.finished, "accuracy": h["accuracy"], "loss": h["loss"],
+                "round": h["round"], "finished": r.finished,
+                "accuracy": h.get("accuracy", ""), "loss": h.get("loss", ""),  # "": not evaluated that round
                 "sampled": len(h["sampled"]), "succeeded": len(h["succeeded"]), "skipped": h["skipped"],
                 "mib_up": h["bytes_up"] / 2**20, "mib_down": h["bytes_down"] / 2**20,
                 "plan_s": t.get("plan", 0.0), "train_s": t.get("train", 0.0), "aggregate_s": t.get("aggregate", 0.0),
@@ -559,7 +595,7 @@ def window_lines(protocol: SuiteProtocol, results: list[RunResult], width: int =
                 continue
             cells = []
             for a, b in edges:
-                accs = [h["accuracy"] for r in runs for h in r.history if a <= h["round"] <= b]
+                accs = [h["accuracy"] for r in runs for h in r.history if a <= h["round"] <= b and "accuracy" in h]
                 cells.append(_pct(statistics.fmean(accs)) if accs else "")
             star = "" if all(r.finished for r in runs) else " *"
             out.append(f"| {e.label}{star} | {part} | " + " | ".join(cells) + " |")
@@ -622,8 +658,10 @@ def write_reports(protocol: SuiteProtocol, root: str | os.PathLike, out_dir: str
     curves = {}
     for r in results:
         curves.setdefault(r.spec.partition, {}).setdefault(r.spec.entry.label, []).append(
-            [h["accuracy"] for h in r.history])
-    paths["curves"] = plot_curve_grid(curves, order, out_dir / f"{stem}-curves.png",
+            [h["accuracy"] for h in r.history if "accuracy" in h])
+    base = protocol_config(protocol)
+    evaluated = [k for k in range(1, base.rounds + 1) if base.evaluates_at(k)]
+    paths["curves"] = plot_curve_grid(curves, order, out_dir / f"{stem}-curves.png", rounds=evaluated,
                                       title=f"suite {protocol.name}: mean held-out accuracy over seeds")
     part = protocol.heatmap_partition or protocol.partitions[0]
     maps = {}

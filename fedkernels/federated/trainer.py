@@ -271,7 +271,7 @@ class FederatedTrainer:
     def headline(self, record: dict) -> str:
         """``loss=... <headline metric>=...`` of a metrics record (the metric only on rounds that computed it)."""
         name = self.task.headline_metric
-        text = f"loss={record['loss']:.3f}"
+        text = f"loss={record['loss']:.3f}" if "loss" in record else "not evaluated"
         return text + (f" {name}={record[name]:.3f}" if name in record else "")
 
     def begin_run(self, *, resume: bool = False) -> None:
@@ -345,6 +345,7 @@ class FederatedTrainer:
             adapter_dir = self._export() if done and not failed else None
             last = self.history[-1] if self.history else {}
             metric = self.task.headline_metric
+            last = next((h for h in reversed(self.history) if "loss" in h), last)  # the last evaluated round
             summary = RunSummary(self.round, float(last.get("accuracy", float("nan"))),
                                  float(last.get("loss", float("nan"))), self.history, self.out, adapter_dir,
                                  metric=metric, final_metric=last_metric(self.history, metric))
@@ -456,6 +457,8 @@ class FederatedTrainer:
                         "global adapter unchanged", round_idx, len(good), len(sampled), needed, cfg.min_fit_fraction)
         else:
             self.global_state = result.global_state
+            # an adaptive allocation's importance follows the rule's aggregated update norms (next round's plans)
+            self.planner.observe_updates(result.global_state.extra.get("update_norms") or {})
             self._apply_base_deltas(result)
             self.global_head = _weighted_head(good)
             for r in good:
@@ -464,7 +467,10 @@ class FederatedTrainer:
         timings["aggregate"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        metrics = self.evaluate(generate=self.task.generates_at(round_idx, cfg.rounds))
+        if self.task.evaluates_every_round or cfg.evaluates_at(round_idx):
+            metrics = self.evaluate(generate=self.task.generates_at(round_idx, cfg.rounds, cfg.eval_last))
+        else:
+            metrics = {}  # off the eval_every schedule: the record has no metric (compare/suite draw logged rounds)
         timings["eval"] = time.perf_counter() - t
         results = outcome.results
         return {

@@ -18,7 +18,8 @@ RULES = aggregation.available()
 
 
 def test_registry_lists_all_rules():
-    assert sorted(["fedit", "ffa", "flora", "hetlora", "flexlora", "fedra", "fedhello", "fedpilot"]) == RULES
+    assert sorted(["fedit", "ffa", "flora", "hetlora", "flexlora", "fedra", "fedhello", "fedpilot",
+                   "fk-adaptive"]) == RULES
     for name in RULES:
         assert aggregation.get(name).name == name
 

@@ -147,7 +147,7 @@ def test_quick_suite_resumes_a_killed_run_skips_finished_ones_and_reports(tmp_pa
     assert bad.exit_code == 2 and "no such suite" in bad.output
 
 
-def test_compare_plot_stays_readable_with_eight_strategies(tmp_path):
+def test_compare_plot_stays_readable_with_every_strategy(tmp_path):
     """The old one-row layout made an 8-strategy PNG 3146 px wide; the grid keeps it under 1800 px."""
     from fedkernels.federated.compare import plot_runs
     from fedkernels.federated.config import STRATEGIES
@@ -159,4 +159,4 @@ def test_compare_plot_stays_readable_with_eight_strategies(tmp_path):
         alloc = [[float((c + layer + i) % 2) for layer in range(6)] for c in range(20)]
         runs[(s, "iid", 0)] = RunSummary(4, history[-1]["accuracy"], 0.0, history, tmp_path, None, alloc)
     w, h = png_size(plot_runs(runs, tmp_path / "compare.png"))
-    assert len(STRATEGIES) == 8 and w < 1800 and h < 1800, (w, h)
+    assert len(STRATEGIES) >= 8 and w < 1800 and h < 1800, (w, h)
