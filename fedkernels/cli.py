@@ -211,12 +211,10 @@ def _run_flower(cfg, engine: str, resume: bool):
 
     out = run_in_simulation(cfg, resume=resume) if engine == "flower" else run_local_deployment(cfg, resume=resume)
     history = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    last = next((h for h in reversed(history) if "loss" in h), history[-1])  # the last evaluated round
     adapter = out / "adapter"
     summary_path = out / "summary.json"
     metric = json.loads(summary_path.read_text()).get("metric", "accuracy") if summary_path.exists() else "accuracy"
-    return RunSummary(len(history), float(last.get("accuracy", float("nan"))), float(last.get("loss", float("nan"))),
-                      history, out,
+    return RunSummary(len(history), last_metric(history, "accuracy"), last_metric(history, "loss"), history, out,
                       adapter if adapter.is_dir() else None, metric=metric,
                       final_metric=last_metric(history, metric))
 

@@ -343,11 +343,10 @@ class FederatedTrainer:
             done = self.round >= cfg.rounds
             failed = done and bool(self.history) and not any(h["succeeded"] for h in self.history)
             adapter_dir = self._export() if done and not failed else None
-            last = self.history[-1] if self.history else {}
             metric = self.task.headline_metric
-            last = next((h for h in reversed(self.history) if "loss" in h), last)  # the last evaluated round
-            summary = RunSummary(self.round, float(last.get("accuracy", float("nan"))),
-                                 float(last.get("loss", float("nan"))), self.history, self.out, adapter_dir,
+            # the last evaluated round's values (rounds off the eval_every schedule log no metric)
+            summary = RunSummary(self.round, last_metric(self.history, "accuracy"),
+                                 last_metric(self.history, "loss"), self.history, self.out, adapter_dir,
                                  metric=metric, final_metric=last_metric(self.history, metric))
             if done:
                 atomic_write_json(self.out / "summary.json", {
