@@ -182,8 +182,8 @@ PAPER = SuiteProtocol(
     name="paper",
     description=("BBC News (5 classes, bundled) with MiniLM-L6; 20 clients in 3 memory tiers (0.15 / 0.5 / 1.0 of "
                  "the way from the cheapest trainable plan to training everything, round-robin); 25 % of clients "
-                 "per round, 8 local AdamW steps of batch 8 x 64 tokens, LoRA r=8 on query/value, lr 5e-3; "
-                 "global accuracy on 300 held-out articles after every round"),
+                 "per round, 8 local AdamW steps of batch 8 x 32 tokens, LoRA r=8 on query/value, lr 5e-3; "
+                 "global accuracy on 300 held-out articles at rounds 5, 10 and 15-20"),
     base=dict(model="minilm-l6", dataset="bbc-news", num_clients=20, fraction=0.25, rounds=PAPER_ROUNDS,
               local_steps=8, batch_size=8, seq_len=32, lr=5e-3, lora_rank=8, lora_alpha=16.0,
               budget_tiers=[0.15, 0.5, 1.0], max_eval=300, eval_every=5, eval_last=5),
@@ -223,18 +223,22 @@ PILOT = SuiteProtocol(
 # non-IID partitions it is meant to win, beside the seed method that led there (docs/suite-tuning.md).
 TUNING = SuiteProtocol(
     name="tuning",
-    description="fk-adaptive variants on tuning seed 100 (never a reporting seed), the paper protocol's setting",
+    description="fk-adaptive variants on tuning seeds 100-101 (never reporting seeds), the paper protocol's setting",
     base=dict(PAPER.base),
-    partitions=("dirichlet:0.1", "pathological:1"),
-    seeds=(100,),
+    partitions=("dirichlet:0.1", "pathological:1", "dirichlet:0.5"),
+    seeds=(100, 101),
     entries=(
         SuiteEntry("fk-adaptive", "fk-adaptive", ours=True, note="defaults (beta 0.5, eta_max 1.5, replan_tol 0.05)"),
         SuiteEntry("fk-adaptive-beta0", "fk-adaptive", ours=True, note="no coverage compensation",
                    options={"aggregation_options": {"beta": 0.0}}),
+        # replan_tol 2.0 is the largest L1 distance of two importance vectors that sum to 1: never re-plan
+        SuiteEntry("fk-adaptive-static", "fk-adaptive", ours=True, note="plans solved once (no re-plans)",
+                   options={"allocation_options": {"replan_tol": 2.0}}),
         SuiteEntry("fedhello", "fedhello", note="Fed-HeLLo preset, the best seed method of the first slice"),
         SuiteEntry("fedpilot", "fedpilot", note="Fed-pilot knapsack over modules"),
+        SuiteEntry("flexlora", "flexlora", note="FlexLoRA SVD redistribution"),
     ),
-    tuning_seeds=(100,),
+    tuning_seeds=(100, 101),
     tail_rounds=5,
 )
 

@@ -40,9 +40,10 @@ class Task(abc.ABC):
     trains_head: ClassVar[bool]
     headline_metric: ClassVar[str]
     peft_task_type: ClassVar[str | None]  # the export's peft task type (None: a plain `PeftModel`)
-    # Whether the held-out pass runs every round (causal LM: loss and perplexity are one cheap forward; its
-    # generation follows `generates_at`) or only on the rounds of `FederatedConfig.evaluates_at` (classification:
-    # on MiniLM-L6 the 300-article pass was 31 % of a suite round's time, docs/suite-paper.md before eval_every).
+    # Whether the held-out pass runs every round (causal LM: loss and perplexity are one cheap forward) or only on
+    # the rounds of `FederatedConfig.evaluates_at` (classification: on MiniLM-L6 the 300-article pass was 31 % of a
+    # suite round's time, docs/suite-paper.md before eval_every). The trainer owns the schedule; a task only says
+    # what it evaluates (`generates`: whether the scheduled rounds also run the generation metrics).
     evaluates_every_round: ClassVar[bool] = False
 
     def num_labels(self, dataset) -> int | None:
@@ -83,8 +84,9 @@ class Task(abc.ABC):
         ``indices`` (wrapping), at the training shape, so its activations are exactly a training step's."""
         return data.batch(np.take(np.asarray(indices), range(batch_size), mode="wrap"))
 
-    def generates_at(self, round_idx: int, rounds: int, eval_last: int = 1) -> bool:
-        """Whether round ``round_idx`` (1-based) runs the generation metrics: never for this kind."""
+    @property
+    def generates(self) -> bool:
+        """Whether the scheduled evaluations (`FederatedConfig.evaluates_at`) run generation metrics too."""
         return False
 
     def held_out(self, pool: np.ndarray, keys: np.ndarray, max_eval: int) -> np.ndarray:
@@ -166,7 +168,6 @@ class CausalLMTask(Task):
     """Instruction tuning of a causal LM.
 
     Args:
-        eval_every: run greedy generation every this many rounds (and on the last ``eval_last`` rounds).
         max_new_tokens: generation length cap.
         gen_eval_per_task: held-out rows per task that are generated and scored (0: none).
     """
@@ -178,18 +179,15 @@ class CausalLMTask(Task):
     peft_task_type = "CAUSAL_LM"  # PeftModel.from_pretrained returns PeftModelForCausalLM, which generates
     evaluates_every_round = True
 
-    def __init__(self, *, eval_every: int = 1, max_new_tokens: int = 32, gen_eval_per_task: int = 16) -> None:
-        for key, v, lo in (("eval_every", eval_every, 1), ("max_new_tokens", max_new_tokens, 1),
-                           ("gen_eval_per_task", gen_eval_per_task, 0)):
+    def __init__(self, *, max_new_tokens: int = 32, gen_eval_per_task: int = 16) -> None:
+        for key, v, lo in (("max_new_tokens", max_new_tokens, 1), ("gen_eval_per_task", gen_eval_per_task, 0)):
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise ConfigError(f"CausalLMTask.{key} must be an integer >= {lo}, got {v!r}")
-        self.eval_every = eval_every
         self.max_new_tokens = max_new_tokens
         self.gen_eval_per_task = gen_eval_per_task
 
     def __repr__(self) -> str:
-        return (f"CausalLMTask(eval_every={self.eval_every}, max_new_tokens={self.max_new_tokens}, "
-                f"gen_eval_per_task={self.gen_eval_per_task})")
+        return f"CausalLMTask(max_new_tokens={self.max_new_tokens}, gen_eval_per_task={self.gen_eval_per_task})"
 
     def tokenize(self, dataset, tokenizer, seq_len: int, max_examples: int | None = None,
                  seed: int = 0) -> InstructionData:
@@ -221,8 +219,9 @@ class CausalLMTask(Task):
     def partition_labels(self, data) -> np.ndarray:
         return data.task_ids.numpy()
 
-    def generates_at(self, round_idx: int, rounds: int, eval_last: int = 1) -> bool:
-        return self.gen_eval_per_task > 0 and (round_idx % self.eval_every == 0 or round_idx > rounds - eval_last)
+    @property
+    def generates(self) -> bool:
+        return self.gen_eval_per_task > 0
 
     def held_out(self, pool: np.ndarray, keys: np.ndarray, max_eval: int) -> np.ndarray:
         """Round-robin over the tasks in ``pool``'s (random) order, so every task is evaluated: instruction sets
@@ -357,6 +356,5 @@ def task_from_config(cfg, column_names: Sequence[str] | None = None) -> Task:
             raise ConfigError("FederatedConfig.task is None and no dataset columns were given to infer it from")
         name = infer_task(column_names, cfg.columns, source=f"dataset {cfg.dataset!r}")
     if name == CausalLMTask.name:
-        return get_task(name, eval_every=cfg.eval_every, max_new_tokens=cfg.max_new_tokens,
-                        gen_eval_per_task=cfg.gen_eval_per_task)
+        return get_task(name, max_new_tokens=cfg.max_new_tokens, gen_eval_per_task=cfg.gen_eval_per_task)
     return get_task(name)

@@ -466,8 +466,9 @@ class FederatedTrainer:
         timings["aggregate"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        if self.task.evaluates_every_round or cfg.evaluates_at(round_idx):
-            metrics = self.evaluate(generate=self.task.generates_at(round_idx, cfg.rounds, cfg.eval_last))
+        scheduled = cfg.evaluates_at(round_idx)  # the one schedule (eval_every, eval_last) for every task
+        if scheduled or self.task.evaluates_every_round:
+            metrics = self.evaluate(generate=scheduled and self.task.generates)
         else:
             metrics = {}  # off the eval_every schedule: the record has no metric (compare/suite draw logged rounds)
         timings["eval"] = time.perf_counter() - t

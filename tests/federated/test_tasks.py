@@ -49,8 +49,8 @@ def test_registry_and_unknown_names():
     assert ClassificationTask.trains_head and not CausalLMTask.trains_head
     with pytest.raises(ConfigError, match=r"unknown task 'seq2seq'; valid tasks: \['causal-lm', 'classification'\]"):
         get_task("seq2seq")
-    with pytest.raises(ConfigError, match="eval_every must be an integer >= 1, got 0"):
-        CausalLMTask(eval_every=0)
+    with pytest.raises(ConfigError, match="max_new_tokens must be an integer >= 1, got 0"):
+        CausalLMTask(max_new_tokens=0)
 
 
 def test_infer_task_from_columns():
@@ -63,7 +63,7 @@ def test_infer_task_from_columns():
     cfg = FederatedConfig(dataset="x.jsonl")
     assert isinstance(task_from_config(cfg, ["instruction", "output"]), CausalLMTask)
     lm = task_from_config(FederatedConfig(task="causal-lm", eval_every=3, max_new_tokens=7, gen_eval_per_task=2))
-    assert (lm.eval_every, lm.max_new_tokens, lm.gen_eval_per_task) == (3, 7, 2)
+    assert (lm.max_new_tokens, lm.gen_eval_per_task, lm.generates) == (7, 2, True)
 
 
 def test_config_validates_task_fields():
@@ -123,10 +123,12 @@ def test_rouge_l_known_pair():
     assert rouge_l("", "negative") == 0.0
 
 
-def test_generation_schedule():
-    task = CausalLMTask(eval_every=3, gen_eval_per_task=1)
-    assert [r for r in range(1, 8) if task.generates_at(r, 7)] == [3, 6, 7]
-    assert not CausalLMTask(gen_eval_per_task=0).generates_at(1, 1)
+def test_generation_schedule_is_the_configs():
+    # one schedule: the config's evaluates_at; the task only declares whether scheduled rounds generate
+    cfg = FederatedConfig(task="causal-lm", rounds=7, eval_every=3, eval_last=1)
+    assert [r for r in range(1, 8) if cfg.evaluates_at(r)] == [3, 6, 7]
+    assert CausalLMTask(gen_eval_per_task=1).generates and not CausalLMTask(gen_eval_per_task=0).generates
+    assert not ClassificationTask().generates
 
 
 def test_evaluate_loss_perplexity_and_generation_scores(llama):
