@@ -251,6 +251,12 @@ class AggregationRule:
     #: are exported next to the adapter. False: the base stays the pretrained one and only the adapter moves.
     mutates_base: ClassVar[bool] = False
 
+    @property
+    def head_step(self) -> float:
+        """The server's step on a trained head: ``head' = head + head_step * (clients' average - head)``; 1 is
+        FedAvg's replacement (every paper rule). A rule with a server step size declares it here."""
+        return 1.0
+
     def __init__(self, **options: Any):
         valid = {f.name for f in dataclasses.fields(self.Options)}
         unknown = sorted(set(options) - valid)

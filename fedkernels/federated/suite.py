@@ -110,6 +110,29 @@ OURS = SuiteEntry("fk-adaptive", "fk-adaptive", ours=True,
 
 
 @dataclass(frozen=True)
+class Claim:
+    """An ordering a paper claims: ``better`` scores above ``worse`` (entry labels), checked per partition."""
+
+    better: str
+    worse: str
+    source: str
+
+
+# The papers' orderings (issue 15): memory-aware allocation > FedRA > HetLoRA > the bucket effect, the gap widening
+# as data gets less IID (Fed-pilot arXiv 2410.10200, Fed-HeLLo); FLoRA's stacking > FedIT averaging (arXiv
+# 2409.05976; FedIT under the budgets is fedit-min here); FlexLoRA > HetLoRA (arXiv 2402.11505).
+PAPER_CLAIMS: tuple[Claim, ...] = (
+    Claim("fedpilot", "fedra", "Fed-pilot: memory-aware knapsack > FedRA"),
+    Claim("fedhello", "fedra", "Fed-HeLLo: its layer patterns > FedRA"),
+    Claim("fedra", "hetlora", "Fed-pilot / Fed-HeLLo tables: FedRA > HetLoRA"),
+    Claim("hetlora", "fedit-min", "HetLoRA > training what the smallest client can"),
+    Claim("fedpilot", "fedit-min", "Fed-pilot: memory-aware > the bucket effect"),
+    Claim("flora", "fedit-min", "FLoRA: exact stacking > FedIT averaging"),
+    Claim("flexlora", "hetlora", "FlexLoRA > HetLoRA"),
+)
+
+
+@dataclass(frozen=True)
 class SuiteProtocol:
     """A fixed comparison protocol. ``base`` holds `FederatedConfig` fields shared by every run."""
 
@@ -123,6 +146,7 @@ class SuiteProtocol:
     tail_rounds: int = 1  # a run's score: mean held-out accuracy over its last this many rounds
     heatmap_partition: str | None = None  # partition whose allocations the heat maps show (None = first)
     rounds_note: str = ""  # how the round count was chosen (the pilot), printed in the report
+    claims: tuple[Claim, ...] = ()  # the papers' orderings the report checks (entries missing from it are skipped)
 
     def entry(self, label: str) -> SuiteEntry:
         for e in self.entries:
@@ -192,6 +216,7 @@ PAPER = SuiteProtocol(
     tail_rounds=5,
     entries=PRESET_ENTRIES + (OURS,) + _hello_entries(),
     heatmap_partition="dirichlet:0.5",
+    claims=PAPER_CLAIMS,
     rounds_note=(" (pilot on tuning seed 100: fedpilot flat from round 6 of 40, docs/suite-pilot.md); score = mean "
                  "held-out accuracy of the last 5 rounds"),
 )
@@ -219,8 +244,9 @@ PILOT = SuiteProtocol(
     tail_rounds=5,
 )
 
-# Tuning of our strategy's free parameters (aggregation beta, re-plan tolerance) on tuning seeds only, on the two
-# non-IID partitions it is meant to win, beside the seed method that led there (docs/suite-tuning.md).
+# Tuning of our strategy's free parameters (coverage compensation beta, server step, re-plan tolerance) on tuning
+# seeds only, on the non-IID partitions it is meant to win, beside the seed methods that led the first slice
+# (docs/suite-tuning.md, docs/suite-protocol-notes.md).
 TUNING = SuiteProtocol(
     name="tuning",
     description="fk-adaptive variants on tuning seeds 100-101 (never reporting seeds), the paper protocol's setting",
@@ -228,12 +254,14 @@ TUNING = SuiteProtocol(
     partitions=("dirichlet:0.1", "pathological:1", "dirichlet:0.5"),
     seeds=(100, 101),
     entries=(
-        SuiteEntry("fk-adaptive", "fk-adaptive", ours=True, note="defaults (beta 0.5, eta_max 1.5, replan_tol 0.05)"),
-        SuiteEntry("fk-adaptive-beta0", "fk-adaptive", ours=True, note="no coverage compensation",
-                   options={"aggregation_options": {"beta": 0.0}}),
+        SuiteEntry("fk-adaptive", "fk-adaptive", ours=True, note="defaults (beta 0, server_lr 1, replan_tol 0.05)"),
+        SuiteEntry("fk-adaptive-beta0.5", "fk-adaptive", ours=True, note="coverage compensation beta 0.5, eta_max 1.5"
+                   " (the default before these runs)", options={"aggregation_options": {"beta": 0.5}}),
         # replan_tol 2.0 is the largest L1 distance of two importance vectors that sum to 1: never re-plan
-        SuiteEntry("fk-adaptive-static", "fk-adaptive", ours=True, note="plans solved once (no re-plans)",
-                   options={"allocation_options": {"replan_tol": 2.0}}),
+        SuiteEntry("fk-adaptive-beta0.5-static", "fk-adaptive", ours=True, note="beta 0.5, plans solved once",
+                   options={"aggregation_options": {"beta": 0.5}, "allocation_options": {"replan_tol": 2.0}}),
+        SuiteEntry("fk-adaptive-slr0.5", "fk-adaptive", ours=True, note="server step 0.5 on adapters and head",
+                   options={"aggregation_options": {"server_lr": 0.5}}),
         SuiteEntry("fedhello", "fedhello", note="Fed-HeLLo preset, the best seed method of the first slice"),
         SuiteEntry("fedpilot", "fedpilot", note="Fed-pilot knapsack over modules"),
         SuiteEntry("flexlora", "flexlora", note="FlexLoRA SVD redistribution"),
@@ -258,14 +286,37 @@ class RunSpec:
         return (self.entry.label, self.partition, self.seed)
 
     def state(self) -> str:
-        """``done`` (summary.json), ``resume`` (a checkpoint), or ``new``."""
+        """``done`` (summary.json), ``resume`` (a checkpoint), ``stale`` (either, but recorded under a config the
+        protocol no longer asks for: `config_drift`), or ``new``."""
         from fedkernels.federated.checkpoint import latest_checkpoint
 
         if (self.folder / SUMMARY).is_file() and (self.folder / STATUS).is_file():
-            return "done"
+            return "stale" if self.config_drift() else "done"
         if latest_checkpoint(self.folder / "checkpoints") is not None:
-            return "resume"
+            return "stale" if self.config_drift() else "resume"
         return "new"
+
+    def config_drift(self) -> dict[str, tuple[Any, Any]]:
+        """Field -> (recorded, wanted) where the folder's recorded config (``suite-config.json``) differs from what
+        the protocol asks for now, so a changed protocol never reuses (or resumes) a run of the old one. Fields the
+        record lacks (added to `FederatedConfig` later, defaulting to the old behaviour) and ``output_dir`` are
+        not compared. A changed *code default* (an option's default value) is not a config change: such a run
+        folder must be removed by hand."""
+        path = self.folder / INTENDED
+        if not path.is_file():
+            return {}
+        recorded = json.loads(path.read_text())
+        want = json.loads(json.dumps(self.config.to_dict()))  # the JSON round trip: tuples as lists
+        return {k: (recorded[k], v) for k, v in want.items()
+                if k != "output_dir" and k in recorded and recorded[k] != v}
+
+    def start_over(self) -> None:
+        """Drop a stale run's records and checkpoints (its committed copy stays in git history)."""
+        import shutil
+
+        shutil.rmtree(self.folder / "checkpoints", ignore_errors=True)
+        for name in (SUMMARY, STATUS, PROCESSES, "metrics.jsonl", INTENDED):
+            (self.folder / name).unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------- running
@@ -310,6 +361,11 @@ def run_suite(
                     todo = []
                     break
                 spec = todo.pop(0)
+                if spec.state() == "stale":
+                    drift = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in spec.config_drift().items())
+                    echo(f"  stale {'/'.join(map(str, spec.key))}: recorded under another config ({drift}); "
+                         "started over")
+                    spec.start_over()
                 echo(f"  start {'/'.join(map(str, spec.key))} ({spec.state()})")
                 running.append((spec, *_launch(spec, child_env), time.monotonic()))
             for item in list(running):
@@ -426,7 +482,7 @@ def collect(protocol: SuiteProtocol, root: str | os.PathLike) -> list[RunResult]
     out = []
     for spec in protocol.runs(root):
         metrics = spec.folder / "metrics.jsonl"
-        if not metrics.is_file():
+        if not metrics.is_file() or spec.state() == "stale":  # a stale record belongs to another protocol
             continue
         history = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
         status = json.loads((spec.folder / STATUS).read_text()) if (spec.folder / STATUS).is_file() else {}
@@ -519,6 +575,30 @@ def summary_rows(protocol: SuiteProtocol, results: list[RunResult]) -> list[dict
     return rows
 
 
+def claim_rows(protocol: SuiteProtocol, results: list[RunResult]) -> list[dict]:
+    """Per (claim, partition) with both entries finished on at least one common seed: the paired difference
+    ``better - worse`` (mean of rounds in the score) with its 95 % t-interval and a verdict: ``holds`` (interval
+    above 0), ``reversed`` (below 0), ``not resolved`` (contains 0) or ``one seed`` (no interval)."""
+    done = {r.spec.key: r for r in results if r.finished}
+    labels = {e.label for e in protocol.entries}
+    rows = []
+    for c in protocol.claims:
+        if c.better not in labels or c.worse not in labels:
+            continue
+        for part in protocol.partitions:
+            seeds = [s for s in protocol.seeds if (c.better, part, s) in done and (c.worse, part, s) in done]
+            if not seeds:
+                continue
+            tail = protocol.tail_rounds
+            diffs = [done[(c.better, part, s)].score(tail) - done[(c.worse, part, s)].score(tail) for s in seeds]
+            mean, lo, hi = paired_interval(diffs)
+            verdict = ("one seed" if len(seeds) < 2 else "holds" if lo > 0 else "reversed" if hi < 0
+                       else "not resolved")
+            rows.append({"claim": f"{c.better} > {c.worse}", "source": c.source, "partition": part,
+                         "seeds": len(seeds), "diff_mean": mean, "diff_lo": lo, "diff_hi": hi, "verdict": verdict})
+    return rows
+
+
 def _pct(x: float, signed: bool = False) -> str:
     if math.isnan(x):
         return "n/a"
@@ -579,6 +659,23 @@ def markdown(protocol: SuiteProtocol, results: list[RunResult], rows: list[dict]
 
     for e, cells in _entry_cells(protocol, parts, cell, difference):
         lines.append(f"| {e.label} | " + " | ".join(cells) + " |")
+    claims = claim_rows(protocol, results)
+    if claims:
+        cparts = [p for p in protocol.partitions if any(r["partition"] == p for r in claims)]
+        by = {(r["claim"], r["partition"]): r for r in claims}
+        lines += ["", "## The papers' orderings", "",
+                  "Paired difference better - worse (points, 95 % t-interval over the seeds both have) and the "
+                  "verdict: holds (interval above 0), reversed (below 0), not resolved (contains 0).", "",
+                  "| claim | source | " + " | ".join(cparts) + " |", "|---|---|" + "---:|" * len(cparts)]
+        for name in dict.fromkeys(r["claim"] for r in claims):
+            src = next(r["source"] for r in claims if r["claim"] == name)
+            cells = []
+            for p in cparts:
+                r = by.get((name, p))
+                cells.append("" if r is None else f"{_pct(r['diff_mean'], True)} [{_pct(r['diff_lo'], True)}, "
+                             f"{_pct(r['diff_hi'], True)}] {r['verdict']}" + (
+                                 "" if r["seeds"] == len(protocol.seeds) else f" (n={r['seeds']})"))
+            lines.append(f"| {name} | {src} | " + " | ".join(cells) + " |")
     lines += ["", "## Plateau check: accuracy per 5-round window", "",
               "Mean held-out accuracy (%) over the window's rounds and the seeds logged so far (unfinished runs "
               "included, marked *), to check that the last rounds are on the plateau.", "", *window_lines(protocol,
@@ -643,7 +740,8 @@ def write_csv(rows: list[dict], path: Path, fields: tuple[str, ...] | None = Non
 
 def write_reports(protocol: SuiteProtocol, root: str | os.PathLike, out_dir: str | os.PathLike, *,
                   command: str = "") -> dict[str, Path]:
-    """Collect ``root`` and write ``<out_dir>/suite-<name>{.csv,.md,-summary.csv,-curves.png,-allocation.png}``."""
+    """Collect ``root`` and write ``<out_dir>/suite-<name>{.csv,.md,-summary.csv,-curves.png,-allocation.png}``
+    and, when the protocol has claims with results, ``-orderings.csv``."""
     from fedkernels.federated.compare import plot_allocation_grid, plot_curve_grid
 
     out_dir = Path(out_dir)
@@ -655,6 +753,9 @@ def write_reports(protocol: SuiteProtocol, root: str | os.PathLike, out_dir: str
         "csv": write_csv(round_rows(results), out_dir / f"{stem}.csv", ROUND_FIELDS),
         "summary": write_csv(rows, out_dir / f"{stem}-summary.csv"),
     }
+    claims = claim_rows(protocol, results)
+    if claims:
+        paths["claims"] = write_csv(claims, out_dir / f"{stem}-orderings.csv")
     md = out_dir / f"{stem}.md"
     md.write_text(markdown(protocol, results, rows, command=command, elapsed_s=elapsed))
     paths["md"] = md

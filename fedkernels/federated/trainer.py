@@ -459,7 +459,7 @@ class FederatedTrainer:
             # an adaptive allocation's importance follows the rule's aggregated update norms (next round's plans)
             self.planner.observe_updates(result.global_state.extra.get("update_norms") or {})
             self._apply_base_deltas(result)
-            self.global_head = _weighted_head(good)
+            self.global_head = _head_step(self.global_head, _weighted_head(good), self.rule.head_step)
             for r in good:
                 self.client_starts.pop(r.client_id, None)
             self.client_starts.update({int(c): s for c, s in result.client_starts.items()})
@@ -575,6 +575,13 @@ def _weighted_head(results: list[ClientResult]) -> dict[str, torch.Tensor]:
     keys = results[0].head.keys()
     return {k: sum(r.head[k].double() * (r.num_samples / total) for r in results).to(results[0].head[k].dtype)
             for k in keys}
+
+
+def _head_step(old: dict[str, torch.Tensor], avg: dict[str, torch.Tensor], step: float) -> dict[str, torch.Tensor]:
+    """``old + step * (avg - old)`` per tensor (fp64 arithmetic); ``step == 1`` returns ``avg`` itself."""
+    if step == 1.0 or not old:
+        return avg
+    return {k: (old[k].double() + step * (v.double() - old[k].double())).to(v.dtype) for k, v in avg.items()}
 
 
 def _progress(enabled: bool):

@@ -81,6 +81,14 @@ def test_compensation_scales_the_product_step_linearly_and_is_capped():
         out = aggregation.get("fk-adaptive", beta=beta, eta_max=eta_max).aggregate(state, updates, plans).global_state
         got = _dense(*out.factors["l1.q"], SCALE) - _dense(gA, gB, SCALE)
         assert torch.allclose(got, eta * step, atol=1e-9), (beta, eta_max)
+    # the default is the uncompensated exact average (beta 0 won on the tuning seeds, the rule's docstring)
+    out = aggregation.get("fk-adaptive").aggregate(state, updates, plans).global_state
+    assert torch.allclose(_dense(*out.factors["l1.q"], SCALE) - _dense(gA, gB, SCALE), step, atol=1e-9)
+    # server_lr scales the product step (and declares the head's step), on top of the compensation
+    rule = aggregation.get("fk-adaptive", server_lr=0.5, beta=0.5, eta_max=1.5)
+    out = rule.aggregate(state, updates, plans).global_state
+    assert torch.allclose(_dense(*out.factors["l1.q"], SCALE) - _dense(gA, gB, SCALE), 0.75 * step, atol=1e-9)
+    assert rule.head_step == 0.5 and aggregation.get("fedpilot").head_step == 1.0
 
 
 def test_update_norms_are_the_trainers_mean_client_change():
@@ -108,7 +116,7 @@ def test_product_delta_norm_matches_the_dense_norm():
 
 
 @pytest.mark.parametrize("opts", [{"beta": -0.1}, {"eta_max": 0.5}, {"beta": math.nan}, {"eta_max": math.inf},
-                                  {"beta": True}, {"gamma": 1.0}])
+                                  {"beta": True}, {"gamma": 1.0}, {"server_lr": 0}, {"server_lr": 1.5}])
 def test_bad_options_are_refused_quoting_the_value(opts):
     with pytest.raises(ConfigError) as exc:
         aggregation.get("fk-adaptive", **opts)

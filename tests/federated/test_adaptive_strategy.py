@@ -64,3 +64,21 @@ def test_eval_schedule_evaluates_every_k_and_the_last_rounds(tmp_path):
     assert evaluated == [2, 4, 5]
     assert all("loss" not in h for h in summary.history if h["round"] in (1, 3))
     assert summary.final_accuracy == summary.history[-1]["accuracy"]
+
+
+def test_server_lr_moves_the_head_part_way_to_the_clients_average(tmp_path, monkeypatch):
+    import torch
+
+    from fedkernels.federated import trainer as trainer_mod
+
+    averages = []
+    real = trainer_mod._weighted_head
+    monkeypatch.setattr(trainer_mod, "_weighted_head", lambda good: averages.append(real(good)) or averages[-1])
+    trainer = FederatedTrainer(cfg(tmp_path, rounds=1, aggregation_options={"server_lr": 0.25}))
+    before = {k: v.clone() for k, v in trainer.global_head.items()}
+    trainer.run()
+    assert before and len(averages) == 1
+    for k, old in before.items():
+        want = old.double() + 0.25 * (averages[0][k].double() - old.double())
+        assert not torch.equal(averages[0][k], old)  # the clients did move the head
+        assert torch.allclose(trainer.global_head[k].double(), want, atol=1e-6), k

@@ -17,8 +17,12 @@ from fedkernels.federated.suite import (
     PAPER,
     QUICK,
     STATUS,
+    Claim,
+    RunResult,
     _launch,
+    claim_rows,
     collect,
+    markdown,
     paired_interval,
     run_suite,
     summary_rows,
@@ -160,3 +164,65 @@ def test_compare_plot_stays_readable_with_every_strategy(tmp_path):
         runs[(s, "iid", 0)] = RunSummary(4, history[-1]["accuracy"], 0.0, history, tmp_path, None, alloc)
     w, h = png_size(plot_runs(runs, tmp_path / "compare.png"))
     assert len(STRATEGIES) >= 8 and w < 1800 and h < 1800, (w, h)
+
+
+def test_claims_report_the_paired_difference_and_a_verdict(tmp_path):
+    # three synthetic seeds per entry: scores are the mean of the protocol's last tail_rounds evaluated rounds
+    import dataclasses
+
+    proto = dataclasses.replace(PAPER.restrict(entries=["fedpilot", "fedra", "hetlora", "fedit-min"],
+                                               partitions=["iid", "dirichlet:0.5"]),
+                                claims=(Claim("fedpilot", "fedra", "A"), Claim("fedra", "hetlora", "B"),
+                                        Claim("hetlora", "fedit-min", "C"), Claim("flora", "fedra", "absent")))
+    score = {  # (entry, partition) -> per-seed scores
+        ("fedpilot", "iid"): (0.90, 0.92, 0.91), ("fedra", "iid"): (0.80, 0.81, 0.79),
+        ("hetlora", "iid"): (0.85, 0.70, 0.85), ("fedit-min", "iid"): (0.96, 0.80, 0.94),
+        ("fedpilot", "dirichlet:0.5"): (0.5, 0.6, 0.7),
+    }
+    results = []
+    for spec in proto.runs(tmp_path):
+        accs = score.get((spec.entry.label, spec.partition))
+        if accs is None or (spec.partition == "dirichlet:0.5" and spec.seed == 2):
+            continue
+        a = accs[spec.seed]
+        # earlier rounds off the tail must not count: round 1 scores 0
+        hist = [{"round": k, "accuracy": 0.0 if k == 1 else a, "bytes_up": 0, "bytes_down": 0}
+                for k in (1, *range(16, 21))]
+        results.append(RunResult(spec, hist, finished=True))
+    rows = {(r["claim"], r["partition"]): r for r in claim_rows(proto, results)}
+    assert set(rows) == {("fedpilot > fedra", "iid"), ("fedra > hetlora", "iid"), ("hetlora > fedit-min", "iid")}
+    r = rows[("fedpilot > fedra", "iid")]
+    assert r["diff_mean"] == pytest.approx(0.11) and r["diff_lo"] > 0 and r["verdict"] == "holds"
+    assert rows[("hetlora > fedit-min", "iid")]["verdict"] == "reversed"  # -0.11, -0.10, -0.09
+    assert rows[("fedra > hetlora", "iid")]["verdict"] == "not resolved"  # -0.05, +0.11, -0.06
+    md = markdown(proto, results, summary_rows(proto, results))
+    assert "## The papers' orderings" in md
+    assert "| fedpilot > fedra | A | +11.0 [" in md and "] holds |" in md
+    assert "absent" not in md  # a claim about an entry the protocol does not run is left out
+
+
+def test_a_run_recorded_under_another_config_is_stale_and_started_over(tmp_path):
+    import dataclasses
+
+    from fedkernels.io import atomic_write_json
+
+    proto = QUICK.restrict(entries=["fedpilot"], partitions=["iid"])
+    spec, = proto.runs(tmp_path)
+    spec.folder.mkdir(parents=True)
+    # a finished record of an older protocol: another lr, and lacking a field added since (not compared)
+    old = {k: v for k, v in spec.config.to_dict().items() if k != "eval_last"} | {"lr": 1e-3}
+    atomic_write_json(spec.folder / "suite-config.json", old)
+    for name, body in (("summary.json", "{}"), (STATUS, "{}"), ("metrics.jsonl", '{"round": 1, "accuracy": 0.9}\n')):
+        (spec.folder / name).write_text(body)
+    assert spec.config_drift() == {"lr": (1e-3, spec.config.lr)} and spec.state() == "stale"
+    assert collect(proto, tmp_path) == []  # never reported beside the current protocol's runs
+    same = dataclasses.replace(spec, config=spec.config.with_overrides([f"lr={1e-3}"]))
+    assert same.config_drift() == {} and same.state() == "done"
+
+    lines = []
+    outcome = run_suite(proto, tmp_path, jobs=1, echo=lines.append)
+    assert outcome == {spec.key: "done"}, [(spec.folder / "worker.log").read_text()]
+    assert any("stale fedpilot/iid/0" in x and "lr 0.001 -> 0.005" in x for x in lines), lines
+    assert spec.state() == "done"
+    assert json.loads((spec.folder / "suite-config.json").read_text())["lr"] == spec.config.lr
+    assert len(collect(proto, tmp_path)[0].history) == proto.base["rounds"]
