@@ -42,9 +42,15 @@ class FedPilotOptions(RuleOptions):
     eta_max: float = 2.0
     beta: float = 0.0
     gamma: float = 0.0
+    # Not Fed-pilot's: the server step of fk-adaptive (fedkernels/aggregation/adaptive.py) on A, B and the head,
+    # for the ablation "is our gain the server step alone?" (docs/suite-protocol-notes.md). 1 = the paper's rule.
+    server_lr: float = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if isinstance(self.server_lr, bool) or not isinstance(self.server_lr, int | float) \
+                or not 0 < self.server_lr <= 1:
+            raise ConfigError(f"fedpilot option server_lr must be a number in (0, 1], got {self.server_lr!r}")
         for k in ("eta_max", "beta", "gamma"):
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
@@ -58,6 +64,10 @@ class FedPilotOptions(RuleOptions):
 class FedPilot(AggregationRule):
     name = "fedpilot"
     Options = FedPilotOptions
+
+    @property
+    def head_step(self) -> float:
+        return float(self.options.server_lr)
 
     def eta(self, rho: float, staleness: int) -> float:
         o = self.options
@@ -77,6 +87,7 @@ class FedPilot(AggregationRule):
             rho = sum(self.raw_weight(u) for u, _ in ts) / total
             eta = self.eta(rho, u_m)
             etas[m] = eta
+            eta *= float(self.options.server_lr)  # after logging: the notes report the compensation
             gA, gB = state.factors[m]
             dt = compute_dtype(gA)
             contribs = [(*folded(u, m, state.scales[m], dt), p) for u, p in ts]
