@@ -393,8 +393,13 @@ def run_suite(
                     log.write(json.dumps({"process_s": time.monotonic() - started, "exit": proc.returncode}) + "\n")
                 ok = proc.returncode == 0 and spec.state() == "done"
                 outcome[spec.key] = "done" if ok else "failed"
+                finished = sum(v in ("done", "failed") for v in outcome.values())
+                left = len(todo) + len(running)
+                # ETA: wall time per finished run so far, times the runs left (all jobs busy)
+                eta = (time.monotonic() - t0) / finished * left
                 echo(f"  {outcome[spec.key]:6s} {'/'.join(map(str, spec.key))}"
-                     + ("" if ok else f" (exit {proc.returncode}, see {spec.folder / 'worker.log'})"))
+                     + ("" if ok else f" (exit {proc.returncode}, see {spec.folder / 'worker.log'})")
+                     + f"  [{finished} of {finished + left} this session, ~{eta / 60:.0f} min left]")
             if running:
                 time.sleep(0.2)
     finally:

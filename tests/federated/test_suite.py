@@ -223,6 +223,7 @@ def test_a_run_recorded_under_another_config_is_stale_and_started_over(tmp_path)
     outcome = run_suite(proto, tmp_path, jobs=1, echo=lines.append)
     assert outcome == {spec.key: "done"}, [(spec.folder / "worker.log").read_text()]
     assert any("stale fedpilot/iid/0" in x and "lr 0.001 -> 0.005" in x for x in lines), lines
+    assert any(x.startswith("  done   fedpilot/iid/0") and "[1 of 1 this session, ~0 min left]" in x for x in lines)
     assert spec.state() == "done"
     assert json.loads((spec.folder / "suite-config.json").read_text())["lr"] == spec.config.lr
     assert len(collect(proto, tmp_path)[0].history) == proto.base["rounds"]
