@@ -80,6 +80,8 @@ class SuiteEntry:
         reference: an upper bound that ignores the memory budgets (``fedit-full``): shown, but never the
             "best seed method" the others are compared to, since no budget-respecting client could run it.
         ours: a strategy of this package rather than a paper's (``fk-adaptive``); never the reference either.
+        ablation: a seed method with one of our parts (``fedpilot-slr0.5``: Fed-pilot with fk-adaptive's server
+            step), to tell which part a gain comes from; never the reference.
         note: what the row is, for the Markdown report.
         options: extra `FederatedConfig` fields of this row only (``aggregation_options`` of a tuning variant).
     """
@@ -89,6 +91,7 @@ class SuiteEntry:
     allocation: str | None = None
     reference: bool = False
     ours: bool = False
+    ablation: bool = False
     note: str = ""
     options: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
@@ -117,6 +120,10 @@ PRESET_ENTRIES: tuple[SuiteEntry, ...] = (
 )
 OURS = SuiteEntry("fk-adaptive", "fk-adaptive", ours=True,
                   note="ours: knapsack over modules x ranks re-solved on IG-score, exact product-update aggregation")
+# Is fk-adaptive's gain its server step alone? Fed-pilot's rule with the same step (tuning seeds 100-101:
+# dirichlet:0.5 92.9 vs ours 93.3 %, dirichlet:0.1 50.8 vs 60.6 %; docs/suite-protocol-notes.md).
+ABLATION = SuiteEntry("fedpilot-slr0.5", "fedpilot", ablation=True, note="fedpilot with fk-adaptive's server step 0.5",
+                      options={"aggregation_options": {"server_lr": 0.5}})
 
 
 @dataclass(frozen=True)
@@ -224,7 +231,7 @@ PAPER = SuiteProtocol(
     partitions=("iid", "dirichlet:0.5", "dirichlet:0.1", "pathological:1"),
     seeds=(0, 1, 2),
     tail_rounds=5,
-    entries=PRESET_ENTRIES + (OURS,) + _hello_entries(),
+    entries=PRESET_ENTRIES + (OURS, ABLATION) + _hello_entries(),
     heatmap_partition="dirichlet:0.5",
     claims=PAPER_CLAIMS,
     rounds_note=(" (pilot on tuning seed 100: fedpilot flat from round 6 of 40, docs/suite-pilot.md); score = mean "
@@ -277,9 +284,7 @@ TUNING = SuiteProtocol(
         SuiteEntry("fedhello", "fedhello", note="Fed-HeLLo preset, the best seed method of the first slice"),
         SuiteEntry("fedpilot", "fedpilot", note="Fed-pilot knapsack over modules"),
         SuiteEntry("flexlora", "flexlora", note="FlexLoRA SVD redistribution"),
-        # ablation, not a paper method: is fk-adaptive's gain its server step alone?
-        SuiteEntry("fedpilot-slr0.5", "fedpilot", ours=True, note="fedpilot with fk-adaptive's server step 0.5",
-                   options={"aggregation_options": {"server_lr": 0.5}}),
+        ABLATION,
     ),
     tuning_seeds=(100, 101),
     tail_rounds=5,
@@ -573,7 +578,7 @@ def summary_rows(protocol: SuiteProtocol, results: list[RunResult]) -> list[dict
             if runs:
                 per_entry[e.label] = runs
         candidates = [lab for lab, runs in per_entry.items()
-                      if not protocol.entry(lab).reference and not protocol.entry(lab).ours
+                      if not (protocol.entry(lab).reference or protocol.entry(lab).ours or protocol.entry(lab).ablation)
                       and len(runs) == max(len(v) for v in per_entry.values())]
         tail = protocol.tail_rounds
         best = max(candidates, key=lambda lab: statistics.fmean(r.score(tail) for r in per_entry[lab].values()),
@@ -661,7 +666,8 @@ def markdown(protocol: SuiteProtocol, results: list[RunResult], rows: list[dict]
 
     for e, cells in _entry_cells(protocol, parts, cell, spread):
         ups = [r["mib_up_mean"] for p in parts if (r := cell.get((e.label, p)))]
-        name = e.label + (" (upper bound, ignores budgets)" if e.reference else "") + (" (ours)" if e.ours else "")
+        name = e.label + (" (upper bound, ignores budgets)" if e.reference else "") + (" (ours)" if e.ours else "") \
+            + (" (ablation)" if e.ablation else "")
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {statistics.fmean(ups):.1f} |")
     lines += ["", "## Paired difference to the best seed method (points, 95 % t-interval over seeds)", "",
               "The best seed method per partition is the highest mean among budget-respecting paper methods "
