@@ -104,8 +104,7 @@ class Workload:
         )
 
     def task(self) -> CausalLMTask:
-        return CausalLMTask(eval_every=self.rounds, max_new_tokens=self.max_new_tokens,
-                            gen_eval_per_task=self.gen_eval_per_task)
+        return CausalLMTask(max_new_tokens=self.max_new_tokens, gen_eval_per_task=self.gen_eval_per_task)
 
 
 # --quick: the tiny random Llama (MiniLM WordPiece tokenizer, Alpaca prompt of ~70-90 tokens, so seq_len 128).
