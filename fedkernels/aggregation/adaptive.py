@@ -52,6 +52,7 @@ from fedkernels.aggregation.base import (
     ClientUpdate,
     GlobalState,
     RuleOptions,
+    check_server_lr,
     compute_dtype,
 )
 from fedkernels.errors import ConfigError
@@ -71,9 +72,7 @@ class FKAdaptiveOptions(RuleOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.server_lr, bool) or not isinstance(self.server_lr, int | float) \
-                or not 0 < self.server_lr <= 1:
-            raise ConfigError(f"fk-adaptive option server_lr must be a number in (0, 1], got {self.server_lr!r}")
+        check_server_lr("fk-adaptive", self.server_lr)
         for k in ("beta", "eta_max"):
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, int | float) or not float("-inf") < v < float("inf"):

@@ -237,6 +237,12 @@ class RuleOptions:
             raise ConfigError(f"weighting must be 'samples' or 'uniform', got {self.weighting!r}")
 
 
+def check_server_lr(rule: str, value: Any) -> None:
+    """A rule's ``server_lr`` option: the server's step towards the clients' average, a number in (0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+        raise ConfigError(f"{rule} option server_lr must be a number in (0, 1], got {value!r}")
+
+
 def _sort_key(u: ClientUpdate) -> tuple:
     return (0, int(u.client_id), "") if _is_int(u.client_id) else (1, 0, repr(u.client_id))
 

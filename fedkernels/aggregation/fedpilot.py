@@ -19,6 +19,7 @@ from fedkernels.aggregation.base import (
     GlobalState,
     RuleOptions,
     average_by_rank,
+    check_server_lr,
     compute_dtype,
     folded,
     note_untrained,
@@ -48,9 +49,7 @@ class FedPilotOptions(RuleOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.server_lr, bool) or not isinstance(self.server_lr, int | float) \
-                or not 0 < self.server_lr <= 1:
-            raise ConfigError(f"fedpilot option server_lr must be a number in (0, 1], got {self.server_lr!r}")
+        check_server_lr("fedpilot", self.server_lr)
         for k in ("eta_max", "beta", "gamma"):
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):

@@ -95,6 +95,11 @@ class SuiteEntry:
     note: str = ""
     options: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
+    @property
+    def seed_method(self) -> bool:
+        """A paper's method under the budgets: a candidate for the best seed method the others are compared to."""
+        return not (self.reference or self.ours or self.ablation)
+
 
 def _hello_entries() -> tuple[SuiteEntry, ...]:
     from solvers.importance import PATTERNS
@@ -507,14 +512,17 @@ def collect(protocol: SuiteProtocol, root: str | os.PathLike) -> list[RunResult]
     out = []
     for spec in protocol.runs(root):
         metrics = spec.folder / "metrics.jsonl"
-        if not metrics.is_file() or spec.state() == "stale":  # a stale record belongs to another protocol
+        if not metrics.is_file():
+            continue
+        state = spec.state()
+        if state == "stale":  # a record that belongs to another protocol
             continue
         history = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
         status = json.loads((spec.folder / STATUS).read_text()) if (spec.folder / STATUS).is_file() else {}
         procs = spec.folder / PROCESSES
         process_s = sum(json.loads(x)["process_s"] for x in procs.read_text().splitlines() if x.strip()) \
             if procs.is_file() else 0.0
-        out.append(RunResult(spec, history, spec.state() == "done", status.get("allocation"),
+        out.append(RunResult(spec, history, state == "done", status.get("allocation"),
                              status.get("processes", []), process_s))
     return out
 
@@ -578,7 +586,7 @@ def summary_rows(protocol: SuiteProtocol, results: list[RunResult]) -> list[dict
             if runs:
                 per_entry[e.label] = runs
         candidates = [lab for lab, runs in per_entry.items()
-                      if not (protocol.entry(lab).reference or protocol.entry(lab).ours or protocol.entry(lab).ablation)
+                      if protocol.entry(lab).seed_method
                       and len(runs) == max(len(v) for v in per_entry.values())]
         tail = protocol.tail_rounds
         best = max(candidates, key=lambda lab: statistics.fmean(r.score(tail) for r in per_entry[lab].values()),
@@ -639,7 +647,8 @@ def _entry_cells(protocol, parts: list[str], cell: dict, fmt):
 
 
 def markdown(protocol: SuiteProtocol, results: list[RunResult], rows: list[dict], *, command: str = "",
-             elapsed_s: float | None = None) -> str:
+             elapsed_s: float | None = None, claims: list[dict] | None = None) -> str:
+    """The report; ``rows`` from `summary_rows`, ``claims`` from `claim_rows` (computed here when None)."""
     total = len(protocol.runs("."))
     finished = sum(r.finished for r in results)
     what = "final held-out accuracy" if protocol.tail_rounds == 1 else \
@@ -685,7 +694,7 @@ def markdown(protocol: SuiteProtocol, results: list[RunResult], rows: list[dict]
 
     for e, cells in _entry_cells(protocol, parts, cell, difference):
         lines.append(f"| {e.label} | " + " | ".join(cells) + " |")
-    claims = claim_rows(protocol, results)
+    claims = claim_rows(protocol, results) if claims is None else claims
     if claims:
         cparts = [p for p in protocol.partitions if any(r["partition"] == p for r in claims)]
         by = {(r["claim"], r["partition"]): r for r in claims}
@@ -783,7 +792,7 @@ def write_reports(protocol: SuiteProtocol, root: str | os.PathLike, out_dir: str
     if claims:
         paths["claims"] = write_csv(claims, out_dir / f"{stem}-orderings.csv")
     md = out_dir / f"{stem}.md"
-    md.write_text(markdown(protocol, results, rows, command=command, elapsed_s=elapsed))
+    md.write_text(markdown(protocol, results, rows, command=command, elapsed_s=elapsed, claims=claims))
     paths["md"] = md
     order = [e.label for e in protocol.entries]
     curves = {}
