@@ -21,6 +21,13 @@
   caller re-plans with IG-score values (`solvers.importance.ig_score`) whenever the aggregated update norms move
   the importance (`StrategyTraits.adaptive`; `fedkernels.federated.planning.Planner` does it).
 
+``min_coverage`` (knapsack strategies only, ``fedpilot`` and ``fk-adaptive``; our addition, 0 = off): a module is
+kept only if at least that share of the clients (by count) trains it. The knapsacks are solved, modules below the
+floor lose their value, the knapsacks are re-solved and value-0 modules dropped from the plans, until the kept set
+is stable. Why: a low layer only the richest tier can afford is averaged over few clients, so under non-IID data
+it follows those clients' labels (the drift the bucket-effect baseline avoids by training only what everyone
+can); the floor trades that coverage against the extra modules. Removing modules never raises a plan's peak.
+
 When a client cannot afford one whole layer (layer strategies) or all modules at the smallest rank
 (hetlora/flexlora), it trains the modules of the top layer(s) that fit: our adaptation so that every budget
 above `MemoryModel.min_trainable_bytes` trains something. A budget below that raises
@@ -196,6 +203,54 @@ def _knapsack(ctx: _Ctx, budgets: Mapping, rank_choices, backend: str, time_limi
     return out
 
 
+def _covered_knapsack(ctx: _Ctx, budgets: Mapping, rank_choices, backend: str, time_limit,
+                      min_coverage: float) -> dict:
+    """`_knapsack` restricted to modules that at least ``min_coverage`` of the clients train (module docstring).
+
+    The kept set only shrinks, so this ends after at most one re-solve per module. When no module reaches the
+    floor, the most covered modules are kept (a floor of 1 on clients with disjoint plans still trains something).
+    A client for which no kept module fits keeps its unrestricted plan, and its message says so.
+    """
+    plans = _knapsack(ctx, budgets, rank_choices, backend, time_limit)
+    if min_coverage <= 0:
+        return plans
+    free, base_values = plans, dict(ctx.values)
+    allowed = set(base_values)
+    need = min_coverage * len(budgets) - 1e-9
+    try:
+        while True:
+            counts: dict[str, int] = {}
+            for p in plans.values():
+                for n in p.modules:
+                    counts[n] = counts.get(n, 0) + 1
+            keep = {n for n in allowed if counts.get(n, 0) >= need}
+            if not keep:
+                top = max(counts.get(n, 0) for n in allowed)
+                keep = {n for n in allowed if counts.get(n, 0) == top}
+            if keep == allowed:
+                break
+            allowed = keep
+            ctx.values = {n: (v if n in allowed else 0.0) for n, v in base_values.items()}
+            plans = _knapsack(ctx, budgets, rank_choices, backend, time_limit)
+            for c, p in plans.items():
+                kept = {n: r for n, r in p.modules.items() if n in allowed}
+                if not kept:
+                    p.modules = dict(free[c].modules)
+                    p.message = (p.message + "; " if p.message else "") + (
+                        f"no module trained by >= {min_coverage:g} of the clients fits; unrestricted plan kept")
+                    continue
+                p.modules = kept
+        for p in plans.values():
+            p.objective = float(sum(base_values.get(n, 0.0) for n in p.modules))
+            p.predicted_bytes = ctx.memory.predict(p.modules)
+            p.lowest_block = min(ctx.memory.spec(n).block for n in p.modules)
+            note = f"coverage floor {min_coverage:g}: {len(allowed)} of {len(base_values)} modules kept"
+            p.message = (p.message + "; " if p.message else "") + note
+    finally:
+        ctx.values = base_values
+    return plans
+
+
 def _fill(ctx: _Ctx, prob, plan: Plan) -> None:
     """Add modules the knapsack left out but that fit under `MemoryModel.predict`.
 
@@ -230,18 +285,26 @@ def plan_clients(
     rank_choices: Sequence[int] | None = None,
     backend: str = "dp",
     time_limit: float | None = None,
+    min_coverage: float = 0.0,
 ) -> dict[int, Plan]:
     """One plan per client (``budgets``: client id -> bytes) under ``strategy`` (see the module docstring).
 
     Every plan except ``full`` fits its budget under ``memory.predict``. Same seed, same plans.
     ``importance`` (module -> score) drives ``fedpilot``'s values and ``fedhello-fim``'s clusters;
-    ``rank_choices`` the knapsack's rank options and the hetlora/flexlora ranks.
+    ``rank_choices`` the knapsack's rank options and the hetlora/flexlora ranks. ``min_coverage`` (in [0, 1],
+    knapsack strategies only) keeps only modules that share of the clients trains (module docstring).
 
     Raises:
-        ProblemError: unknown strategy (the message lists the valid ones).
+        ProblemError: unknown strategy (the message lists the valid ones); ``min_coverage`` outside [0, 1] or
+            nonzero for a strategy that is not a knapsack.
         InfeasibleBudgetError: a client's budget is below the cheapest trainable plan.
     """
     base, pattern, orient = parse_strategy(strategy)
+    if isinstance(min_coverage, bool) or not isinstance(min_coverage, int | float) or not 0 <= min_coverage <= 1:
+        raise ProblemError(f"min_coverage must be a number in [0, 1], got {min_coverage!r}")
+    if min_coverage and base not in ("fedpilot", "fk-adaptive"):
+        raise ProblemError(f"min_coverage applies to the knapsack strategies (fedpilot, fk-adaptive), "
+                           f"not {strategy!r}; got {min_coverage!r}")
     if not isinstance(memory, MemoryModel):
         raise ProblemError(f"plan_clients needs a solvers.memory_model.MemoryModel, got {type(memory).__name__}")
     ctx = _Ctx(memory, importance)
@@ -263,9 +326,10 @@ def plan_clients(
             raise InfeasibleBudgetError(c, b, need)
 
     if base == "fedpilot":
-        return _knapsack(ctx, budgets, rank_choices, backend, time_limit)
+        return _covered_knapsack(ctx, budgets, rank_choices, backend, time_limit, min_coverage)
     if base == "fk-adaptive":  # modules x ranks: one multiple-choice knapsack item per module
-        return _knapsack(ctx, budgets, rank_choices or memory.default_rank_choices(), backend, time_limit)
+        return _covered_knapsack(ctx, budgets, rank_choices or memory.default_rank_choices(), backend,
+                                 time_limit, min_coverage)
     if base == "uniform-min":
         low = min(budgets, key=lambda c: (budgets[c], str(c)))
         ref = _knapsack(ctx, {low: budgets[low]}, rank_choices, backend, time_limit)[low]

@@ -33,15 +33,19 @@ class AdaptiveOptions:
     ``replan_tol`` (sums are 1, so the distance is in [0, 2]).
 
     Free parameters (our interpretation; defaults tuned on seed 100, never on the reporting seeds):
-    ``ig_lambda`` (0.5, Fed-pilot's equal mix), ``replan_tol`` (0.05), ``decay`` (EMA weight of the old value, 0.5).
+    ``ig_lambda`` (0.5, Fed-pilot's equal mix), ``replan_tol`` (0.05), ``decay`` (EMA weight of the old value, 0.5),
+    ``min_coverage`` (0: off; the share of clients that must train a module for it to be kept, see
+    `solvers.strategies`; it counts over all clients' plans, which the planner solves together).
     """
 
     ig_lambda: float = 0.5
     replan_tol: float = 0.05
     decay: float = 0.5
+    min_coverage: float = 0.0
 
     def __post_init__(self) -> None:
-        for name, lo, hi in (("ig_lambda", 0.0, 1.0), ("replan_tol", 0.0, 2.0), ("decay", 0.0, 1.0)):
+        for name, lo, hi in (("ig_lambda", 0.0, 1.0), ("replan_tol", 0.0, 2.0), ("decay", 0.0, 1.0),
+                             ("min_coverage", 0.0, 1.0)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int | float) or not lo <= v <= hi:
                 raise ConfigError(f"allocation_options.{name} must be a number in [{lo}, {hi}], got {v!r}")
@@ -225,6 +229,7 @@ class Planner:
         plans = plan_clients(
             self.allocation, self.memory, {c: budgets[c] for c in (sampled if randomised else budgets)},
             seed=seed, importance=importance, backend=self.cfg.planner_backend,
+            min_coverage=self.adaptive.min_coverage if self.adaptive is not None else 0.0,
         )
         if not randomised:
             self._fixed = plans

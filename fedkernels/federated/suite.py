@@ -290,6 +290,15 @@ TUNING = SuiteProtocol(
         SuiteEntry("fedpilot", "fedpilot", note="Fed-pilot knapsack over modules"),
         SuiteEntry("flexlora", "flexlora", note="FlexLoRA SVD redistribution"),
         ABLATION,
+        # session 5: the bucket-effect baseline fedit-min led every reporting partition; is it coverage? Plans
+        # restricted to modules that >= min_coverage of the clients train (solvers.strategies, module docstring)
+        SuiteEntry("fedit-min", "fedit-min", note="FedIT, everyone trains what the smallest client can"),
+        SuiteEntry("fk-adaptive-cover1", "fk-adaptive", ours=True,
+                   note="coverage floor 1: only modules every client trains",
+                   options={"allocation_options": {"min_coverage": 1.0}}),
+        SuiteEntry("fk-adaptive-cover0.6", "fk-adaptive", ours=True,
+                   note="coverage floor 0.6: modules the two upper tiers train",
+                   options={"allocation_options": {"min_coverage": 0.6}}),
     ),
     tuning_seeds=(100, 101),
     tail_rounds=5,

@@ -46,7 +46,21 @@ def test_resumed_run_equals_the_uninterrupted_one(tmp_path):
     assert again.planner.replans == full.planner.replans
 
 
-@pytest.mark.parametrize("opts", [{"replan_tol": -1}, {"ig_lambda": 1.5}, {"decay": "0.5"}, {"lam": 0.5}])
+def test_coverage_floor_reaches_the_plans(tmp_path):
+    from collections import Counter
+
+    trainer = FederatedTrainer(cfg(tmp_path, rounds=2, fraction=1.0, allocation_options={"min_coverage": 1.0}))
+    summary = trainer.run()
+    plans = trainer.planner.plans_for_round(2, list(range(trainer.cfg.num_clients)), trainer.budgets)
+    counts = Counter(m for p in plans.values() for m in p.modules)
+    assert counts and set(counts.values()) == {trainer.cfg.num_clients}  # every kept module: every client
+    for h in summary.history:
+        for c in h["clients"]:
+            assert c["planned_bytes"] <= c["budget"], c
+
+
+@pytest.mark.parametrize("opts", [{"replan_tol": -1}, {"ig_lambda": 1.5}, {"decay": "0.5"}, {"lam": 0.5},
+                                  {"min_coverage": 1.2}])
 def test_bad_allocation_options_are_refused(tmp_path, opts):
     with pytest.raises(ConfigError) as exc:
         FederatedTrainer(cfg(tmp_path, allocation_options=opts))

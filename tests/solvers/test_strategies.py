@@ -230,3 +230,44 @@ def test_unknown_backend_is_one_error_type_everywhere(bert6):
         plan_clients("fedpilot", bert6, budgets, backend="simplex")
     with pytest.raises(ProblemError, match="unknown solver backend 'simplex'"):
         solve(bert6.problem(budgets[0]), "simplex")
+
+
+@pytest.mark.parametrize("backend", ["dp", "greedy", "pulp", "cvxpy"])
+@pytest.mark.parametrize("strategy", ["fedpilot", "fk-adaptive"])
+@pytest.mark.parametrize("floor", [0.5, 1.0])
+def test_coverage_floor_keeps_only_shared_modules(floor, strategy, backend, bert6):
+    if backend not in available_backends():
+        pytest.skip(f"{backend} not installed")
+    rng = np.random.default_rng(3)
+    importance = {m: float(rng.random()) + 0.1 for m in bert6.module_names}
+    budgets = _budgets(bert6)
+    free = plan_clients(strategy, bert6, budgets, importance=importance, backend=backend, time_limit=10)
+    held = plan_clients(strategy, bert6, budgets, importance=importance, backend=backend, time_limit=10,
+                        min_coverage=floor)
+    counts = Counter(m for p in held.values() for m in p.modules)
+    assert counts and all(n >= floor * len(budgets) for n in counts.values()), counts
+    # the floor bites here: without it some module is trained by fewer clients than the floor asks
+    assert min(Counter(m for p in free.values() for m in p.modules).values()) < floor * len(budgets)
+    for c, p in held.items():
+        assert p.modules and bert6.predict(p.modules) <= budgets[c]
+        assert p.predicted_bytes == bert6.predict(p.modules)
+        assert p.lowest_block == min(bert6.spec(m).block for m in p.modules)
+        assert "coverage floor" in p.message
+        assert p.objective == pytest.approx(sum(importance[m] for m in p.modules))
+
+
+def test_coverage_floor_zero_is_the_plain_knapsack(bert6):
+    budgets = _budgets(bert6)
+    a = plan_clients("fk-adaptive", bert6, budgets)
+    b = plan_clients("fk-adaptive", bert6, budgets, min_coverage=0.0)
+    assert {c: p.modules for c, p in a.items()} == {c: p.modules for c, p in b.items()}
+
+
+@pytest.mark.parametrize("strategy,floor", [("fedra", 0.5), ("hetlora", 1.0), ("fedpilot", 1.5),
+                                            ("fk-adaptive", -0.1), ("fk-adaptive", True)])
+def test_coverage_floor_bad_input_is_a_clear_error(strategy, floor, bert6):
+    from solvers.errors import ProblemError
+
+    with pytest.raises(ProblemError, match="min_coverage") as exc:
+        plan_clients(strategy, bert6, _budgets(bert6), min_coverage=floor)
+    assert repr(floor) in str(exc.value)
