@@ -4,6 +4,10 @@
 differs from ``sum p_k B_k A_k`` by the weighted covariance ``sum p_k (B_k - B)(A_k - A)``. Clients of smaller
 rank cover only the first r_k rank rows; with ``pad="rows"`` (default) each row is averaged over the clients that
 cover it, with ``pad="zero"`` clients are zero-padded to R (FLoRA's "zero-padding" baseline).
+
+``server_lr`` (not FedIT's; 1 = the paper's rule): the server moves A, B and the head only that far towards the
+clients' average, ``A' = A + server_lr (avg A - A)``. It exists for the ablation "is fk-adaptive's gain its server
+step alone?" on the plans of ``fedit-min`` (docs/suite-protocol-notes.md).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from fedkernels.aggregation.base import (
     GlobalState,
     RuleOptions,
     average_by_rank,
+    check_server_lr,
     compute_dtype,
     folded,
 )
@@ -27,12 +32,15 @@ __all__ = ["FedIT", "FedITOptions"]
 
 @dataclass
 class FedITOptions(RuleOptions):
-    """``pad``: "rows" (average each rank row over the clients covering it) or "zero" (zero-pad to R)."""
+    """``pad``: "rows" (average each rank row over the clients covering it) or "zero" (zero-pad to R);
+    ``server_lr``: the server's step towards the average (module docstring; 1 = FedIT)."""
 
     pad: str = "rows"
+    server_lr: float = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_server_lr("fedit", self.server_lr)
         if self.pad not in ("rows", "zero"):
             raise ConfigError(f"pad must be 'rows' or 'zero', got {self.pad!r}")
 
@@ -41,9 +49,18 @@ class FedIT(AggregationRule):
     name = "fedit"
     Options = FedITOptions
 
+    @property
+    def head_step(self) -> float:
+        return float(self.options.server_lr)
+
     def _aggregate(self, state: GlobalState, updates: list[ClientUpdate], plans, result: AggregationResult) -> None:
         for m, ts in self.trained_modules(state, updates, result):
             gA, gB = state.factors[m]
             dt = compute_dtype(gA)
             contribs = [(*folded(u, m, state.scales[m], dt), p) for u, p in ts]
-            state.factors[m] = average_by_rank(gA, gB, contribs, pad=self.options.pad)
+            avgA, avgB = average_by_rank(gA, gB, contribs, pad=self.options.pad)
+            step = float(self.options.server_lr)
+            if step != 1.0:  # exactly the paper's rule at 1 (no rounding through the interpolation)
+                avgA = (gA.to(dt) + step * (avgA.to(dt) - gA.to(dt))).to(gA.dtype)
+                avgB = (gB.to(dt) + step * (avgB.to(dt) - gB.to(dt))).to(gB.dtype)
+            state.factors[m] = (avgA, avgB)

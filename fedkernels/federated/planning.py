@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -109,6 +110,60 @@ def _calibration_key(model: torch.nn.Module, layers: dict, batch: dict, head_par
     return h.hexdigest()
 
 
+# Across processes (the suite runs one process per run): ``$FEDKERNELS_CALIBRATION_DIR``, when set, keeps each
+# calibration as ``<key>.json`` (`MemoryModel.to_dict`), keyed like `_CALIBRATED` plus the torch version and the
+# machine, since the allocator peak is what was measured. Opt-in: a run outside the suite always measures.
+CALIBRATION_DIR_ENV = "FEDKERNELS_CALIBRATION_DIR"
+
+
+def _disk_key(key: str) -> str:
+    import hashlib
+    import platform
+
+    return hashlib.sha256(f"{key};{torch.__version__};{platform.machine()};{platform.system()}".encode()).hexdigest()
+
+
+def load_cached_calibration(key: str):
+    """The memory model stored under ``key`` in ``$FEDKERNELS_CALIBRATION_DIR``, or None (unset, absent, or a file
+    that does not parse: then it is measured again and the file rewritten, with a warning)."""
+    import json
+
+    from solvers.memory_model import MemoryModel
+
+    root = os.environ.get(CALIBRATION_DIR_ENV)
+    if not root:
+        return None
+    path = Path(root) / f"{_disk_key(key)}.json"
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        if data.get("key") != key:
+            raise ValueError(f"recorded key {str(data.get('key'))[:12]}... is not this calibration's")
+        model = MemoryModel.from_dict(data["memory_model"])
+    except Exception as exc:  # a torn or foreign file costs one re-measurement, never a wrong plan
+        log.warning("calibration cache %s unusable (%s); measuring again", path, exc)
+        return None
+    log.info("memory model from the calibration cache %s", path)
+    return model
+
+
+def store_calibration(key: str, memory) -> None:
+    """Write ``memory`` under ``key`` into ``$FEDKERNELS_CALIBRATION_DIR`` atomically (temp file + rename), if set."""
+    import json
+    import tempfile
+
+    root = os.environ.get(CALIBRATION_DIR_ENV)
+    if not root:
+        return
+    folder = Path(root)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        json.dump({"key": key, "memory_model": memory.to_dict()}, fh)
+    os.replace(tmp, folder / f"{_disk_key(key)}.json")
+
+
 class Planner:
     """Per-client plans (module -> rank) from `solvers`, with the memory model of the shared model."""
 
@@ -152,7 +207,8 @@ class Planner:
         key = _calibration_key(model, layers, calibration_batch, head_params or [], cfg, task)
         if key not in _CALIBRATED:
             _CALIBRATED.clear()  # one entry: a compare / demo runs strategies on one model and batch in turn
-            _CALIBRATED[key] = MemoryModel.from_model(
+            cached = load_cached_calibration(key)
+            _CALIBRATED[key] = cached if cached is not None else MemoryModel.from_model(
                 model, calibration_batch,
                 {m: [layer.lora_A, layer.lora_B] for m, layer in layers.items()},
                 blocks,
@@ -160,6 +216,8 @@ class Planner:
                 optimizer=cfg.optimizer,
                 always_trainable=list(head_params or []),
             )
+            if cached is None:
+                store_calibration(key, _CALIBRATED[key])
         self.memory = _CALIBRATED[key]
         margin = getattr(cfg, "memory_margin", 0.0)
         if isinstance(margin, bool) or not isinstance(margin, int | float) or not 0 <= margin < 1:

@@ -67,6 +67,7 @@ SUMMARY = "summary.json"
 STATUS = "suite-run.json"  # written by the worker: start/end round, wall time, allocation matrix
 PROCESSES = "suite-processes.jsonl"  # written by the scheduler: each worker process's wall time and exit code
 INTENDED = "suite-config.json"  # the config the suite wants for this folder (the trainer writes config.json)
+CALIBRATION_CACHE = ".calibration-cache"  # under the suite root, git-ignored: machine-specific measurements
 
 
 @dataclass(frozen=True)
@@ -299,6 +300,11 @@ TUNING = SuiteProtocol(
         SuiteEntry("fk-adaptive-cover0.6", "fk-adaptive", ours=True,
                    note="coverage floor 0.6: modules the two upper tiers train",
                    options={"allocation_options": {"min_coverage": 0.6}}),
+        # which part of cover1's gain over fedit-min (same plans) is the server step, which the exact product average
+        SuiteEntry("fk-adaptive-cover1-slr1", "fk-adaptive", ours=True, note="coverage floor 1, full server step",
+                   options={"allocation_options": {"min_coverage": 1.0}, "aggregation_options": {"server_lr": 1.0}}),
+        SuiteEntry("fedit-min-slr0.5", "fedit-min", ablation=True, note="fedit-min with fk-adaptive's server step 0.5",
+                   options={"aggregation_options": {"server_lr": 0.5}}),
     ),
     tuning_seeds=(100, 101),
     tail_rounds=5,
@@ -383,6 +389,11 @@ def run_suite(
          f"with {jobs} job(s) under {root}")
     child_env = {**os.environ, **(env or {})}
     child_env.setdefault("OMP_NUM_THREADS", "1")  # 2 shared cores: one thread per run process
+    # Every run of a protocol calibrates the same model on the same probe batch: measure once, reuse across the
+    # worker processes (`planning.load_cached_calibration`; SmolLM2's calibration is ~4 min on this CPU)
+    from fedkernels.federated.planning import CALIBRATION_DIR_ENV
+
+    child_env.setdefault(CALIBRATION_DIR_ENV, str(Path(root) / CALIBRATION_CACHE))
     t0 = time.monotonic()
     _sigterm_as_interrupt()
     running: list[tuple[RunSpec, subprocess.Popen, Any, float]] = []

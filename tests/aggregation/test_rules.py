@@ -186,19 +186,20 @@ def test_fedpilot_beta_gamma_zero_is_fedhello_weighted():
         torch.testing.assert_close(a.global_state.factors[m], b.global_state.factors[m], **TOL)
 
 
-def test_fedpilot_server_lr_moves_factors_and_head_part_way():
+@pytest.mark.parametrize("name", ["fedpilot", "fedit"])
+def test_server_lr_moves_factors_and_head_part_way(name):
     gs = global_state()
     plans, ups = round_setup(5)
-    full = aggregation.get("fedpilot").aggregate(gs, ups, plans).global_state
-    rule = aggregation.get("fedpilot", server_lr=0.25)
+    full = aggregation.get(name).aggregate(gs, ups, plans).global_state
+    rule = aggregation.get(name, server_lr=0.25)
     half = rule.aggregate(gs, ups, plans).global_state
-    assert rule.head_step == 0.25 and aggregation.get("fedpilot").head_step == 1.0
+    assert rule.head_step == 0.25 and aggregation.get(name).head_step == 1.0
     for m in SHAPES:
         for g, f, h in zip(gs.factors[m], full.factors[m], half.factors[m], strict=True):
             assert not torch.equal(f, g)
             torch.testing.assert_close(h, g + 0.25 * (f - g), **TOL)
     with pytest.raises(ConfigError, match="server_lr must be a number in \\(0, 1\\], got 0"):
-        aggregation.get("fedpilot", server_lr=0)
+        aggregation.get(name, server_lr=0)
 
 
 def test_flora_base_delta_is_exact_sum_and_adapters_reset():
