@@ -168,8 +168,8 @@ def _save(fig, path: Path) -> Path:
 
 
 def plot_curve_grid(curves: dict[str, dict[str, list[list[float]]]], order: list[str], path: Path, *,
-                    title: str = "", rounds: list[int] | None = None) -> Path:
-    """One panel per partition (2 per row), each with every strategy's mean accuracy curve; one shared legend.
+                    title: str = "", rounds: list[int] | None = None, ylabel: str = "accuracy") -> Path:
+    """One panel per partition (2 per row), each with every strategy's mean ``ylabel`` curve; one shared legend.
 
     ``curves``: partition -> strategy -> per-seed accuracy lists; ``rounds``: the round of each point (default
     1..n; a run evaluated every ``eval_every`` rounds logs fewer points)."""
@@ -184,7 +184,7 @@ def plot_curve_grid(curves: dict[str, dict[str, list[list[float]]]], order: list
     fig, axes = plt.subplots(nrows, ncols, figsize=(6.2 * ncols + 2.2, 4.2 * nrows), squeeze=False, sharey=True,
                              layout="constrained")
     for ax, p in zip(axes.flat, parts, strict=False):
-        _draw_curves(ax, curves.get(p, {}), order, p, rounds=rounds)
+        _draw_curves(ax, curves.get(p, {}), order, p, rounds=rounds, metric=ylabel)
     for ax in list(axes.flat)[len(parts):]:
         ax.set_axis_off()
     handles = {}

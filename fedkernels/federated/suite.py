@@ -166,7 +166,9 @@ class SuiteProtocol:
     seeds: tuple[int, ...]
     entries: tuple[SuiteEntry, ...]
     tuning_seeds: tuple[int, ...] = (100, 101, 102)
-    tail_rounds: int = 1  # a run's score: mean held-out accuracy over its last this many rounds
+    tail_rounds: int = 1  # a run's score: mean held-out metric over its last this many evaluated rounds
+    metric: str = "accuracy"  # the history key scored (the task's headline metric: causal LM ``rougeL``)
+    metric_label: str = "held-out accuracy"  # how the report names it
     heatmap_partition: str | None = None  # partition whose allocations the heat maps show (None = first)
     rounds_note: str = ""  # how the round count was chosen (the pilot), printed in the report
     claims: tuple[Claim, ...] = ()  # the papers' orderings the report checks (entries missing from it are skipped)
@@ -310,7 +312,50 @@ TUNING = SuiteProtocol(
     tail_rounds=5,
 )
 
-PROTOCOLS = {"paper": PAPER, "quick": QUICK, "pilot": PILOT, "tuning": TUNING}
+# The instruction task (issue 15 item 1; the FLoRA / FlexLoRA setting): SmolLM2-135M-Instruct on the bundled
+# instruct-mix (BBC headline, BBC topic, tweet sentiment), one task per client (``task``: the non-IID split of the
+# instruction-tuning papers) and iid. Sized for the 2-core CPU from the instruct demo (README): 6 clients in 3
+# tiers arranged so every task sits with two tiers, 3 per round, 3 local AdamW steps of 1 x 128 tokens; the memory
+# model's 37 calibration steps (~4 min) are measured once per machine (the suite's calibration cache). Score:
+# macro ROUGE-L over the three tasks of greedy generations on 12 held-out rows per task, mean of the last rounds.
+INSTRUCT_BASE = dict(
+    model="smollm2-135m", dataset="instruct-mix", task="causal-lm", num_clients=6, fraction=0.5, local_steps=3,
+    batch_size=1, seq_len=128, lora_rank=8, lora_alpha=16.0, lr=2e-3, max_examples=300, max_eval=24,
+    gen_eval_per_task=12, max_new_tokens=16, budget_tiers=[0.15, 0.5, 1.0, 0.5, 1.0, 0.15])
+INSTRUCT_PILOT = SuiteProtocol(
+    name="instruct-pilot",
+    description="the instruct protocol's setting on tuning seed 100, task partition, fedpilot, 12 rounds, "
+                "generation every 2 rounds, to choose the rounds",
+    base={**INSTRUCT_BASE, "rounds": 12, "eval_every": 2, "eval_last": 1},
+    partitions=("task",),
+    seeds=(100,),
+    entries=(PRESET_ENTRIES[0],),
+    tuning_seeds=(100,),
+    metric="rougeL",
+    metric_label="held-out macro ROUGE-L",
+)
+INSTRUCT_ROUNDS = 8
+INSTRUCT = SuiteProtocol(
+    name="instruct",
+    description=("SmolLM2-135M-Instruct on the bundled instruct-mix (BBC headline, BBC topic, tweet sentiment; 300 "
+                 "rows); 6 clients in 3 memory tiers (0.15 / 0.5 / 1.0, arranged so every task sits with two "
+                 "tiers), 3 per round, 3 local AdamW steps of 1 x 128 tokens, LoRA r=8 on q_proj/v_proj, lr 2e-3; "
+                 "greedy generation of 16 tokens on 12 held-out rows per task at rounds 4 and 6-8, macro ROUGE-L"),
+    base={**INSTRUCT_BASE, "rounds": INSTRUCT_ROUNDS, "eval_every": 4, "eval_last": 3},
+    partitions=("task", "iid"),
+    seeds=(0, 1, 2),
+    tail_rounds=3,
+    entries=PRESET_ENTRIES + (OURS,),
+    heatmap_partition="task",
+    claims=PAPER_CLAIMS,
+    metric="rougeL",
+    metric_label="held-out macro ROUGE-L",
+    rounds_note=" (instruct-pilot on tuning seed 100, docs/suite-protocol-notes.md); score = mean of the last 3 "
+                "generation rounds",
+)
+
+PROTOCOLS = {"paper": PAPER, "quick": QUICK, "pilot": PILOT, "tuning": TUNING, "instruct-pilot": INSTRUCT_PILOT,
+             "instruct": INSTRUCT}
 
 
 @dataclass
@@ -520,10 +565,10 @@ class RunResult:
     processes: list[dict] = field(default_factory=list)
     process_s: float = 0.0  # scheduler-measured wall time of every worker process of this run
 
-    def score(self, tail: int) -> float:
-        """Mean held-out accuracy of the last ``tail`` evaluated rounds (the protocol's ``eval_last`` evaluates them
-        all)."""
-        accs = [float(h["accuracy"]) for h in self.history if "accuracy" in h][-tail:]
+    def score(self, tail: int, metric: str = "accuracy") -> float:
+        """Mean held-out ``metric`` of the last ``tail`` rounds that have it (the protocol's ``eval_last`` evaluates
+        them all)."""
+        accs = [float(h[metric]) for h in self.history if metric in h][-tail:]
         return statistics.fmean(accs) if accs else float("nan")
 
 
@@ -552,7 +597,15 @@ ROUND_FIELDS = ("entry", "strategy", "allocation", "partition", "seed", "round",
                 "eval_s", "round_s")
 
 
-def round_rows(results: list[RunResult]) -> list[dict]:
+def round_fields(metric: str = "accuracy") -> tuple[str, ...]:
+    """`ROUND_FIELDS`, with the protocol's metric after ``accuracy`` when it is another one."""
+    if metric in ROUND_FIELDS:
+        return ROUND_FIELDS
+    i = ROUND_FIELDS.index("accuracy")
+    return (*ROUND_FIELDS[:i], metric, *ROUND_FIELDS[i + 1:])
+
+
+def round_rows(results: list[RunResult], metric: str = "accuracy") -> list[dict]:
     rows = []
     for r in results:
         for h in r.history:
@@ -567,6 +620,9 @@ def round_rows(results: list[RunResult]) -> list[dict]:
                 "plan_s": t.get("plan", 0.0), "train_s": t.get("train", 0.0), "aggregate_s": t.get("aggregate", 0.0),
                 "eval_s": t.get("eval", 0.0), "round_s": h.get("wall_s", 0.0),
             })
+            if metric != "accuracy":
+                del rows[-1]["accuracy"]
+                rows[-1][metric] = h.get(metric, "")
     return rows
 
 
@@ -609,12 +665,14 @@ def summary_rows(protocol: SuiteProtocol, results: list[RunResult]) -> list[dict
                       if protocol.entry(lab).seed_method
                       and len(runs) == max(len(v) for v in per_entry.values())]
         tail = protocol.tail_rounds
-        best = max(candidates, key=lambda lab: statistics.fmean(r.score(tail) for r in per_entry[lab].values()),
+        metric = protocol.metric
+        best = max(candidates, key=lambda lab: statistics.fmean(r.score(tail, metric)
+                                                                for r in per_entry[lab].values()),
                    default=None)
         for lab, runs in per_entry.items():
-            accs = [r.score(tail) for r in runs.values()]
-            row = {"entry": lab, "partition": part, "seeds": len(accs), "accuracy_mean": statistics.fmean(accs),
-                   "accuracy_std": statistics.stdev(accs) if len(accs) > 1 else float("nan"),
+            accs = [r.score(tail, metric) for r in runs.values()]
+            row = {"entry": lab, "partition": part, "seeds": len(accs), f"{metric}_mean": statistics.fmean(accs),
+                   f"{metric}_std": statistics.stdev(accs) if len(accs) > 1 else float("nan"),
                    "mib_up_mean": statistics.fmean(sum(h["bytes_up"] for h in r.history) / 2**20
                                                    for r in runs.values()),
                    "best_seed_method": best or "", "diff_mean": float("nan"), "diff_lo": float("nan"),
@@ -622,7 +680,7 @@ def summary_rows(protocol: SuiteProtocol, results: list[RunResult]) -> list[dict
             if best is not None and lab != best:
                 common = sorted(set(runs) & set(per_entry[best]))
                 if common:
-                    diffs = [runs[s].score(tail) - per_entry[best][s].score(tail) for s in common]
+                    diffs = [runs[s].score(tail, metric) - per_entry[best][s].score(tail, metric) for s in common]
                     row["diff_mean"], row["diff_lo"], row["diff_hi"] = paired_interval(diffs)
             rows.append(row)
     return rows
@@ -643,7 +701,8 @@ def claim_rows(protocol: SuiteProtocol, results: list[RunResult]) -> list[dict]:
             if not seeds:
                 continue
             tail = protocol.tail_rounds
-            diffs = [done[(c.better, part, s)].score(tail) - done[(c.worse, part, s)].score(tail) for s in seeds]
+            m = protocol.metric
+            diffs = [done[(c.better, part, s)].score(tail, m) - done[(c.worse, part, s)].score(tail, m) for s in seeds]
             mean, lo, hi = paired_interval(diffs)
             verdict = ("one seed" if len(seeds) < 2 else "holds" if lo > 0 else "reversed" if hi < 0
                        else "not resolved")
@@ -671,8 +730,8 @@ def markdown(protocol: SuiteProtocol, results: list[RunResult], rows: list[dict]
     """The report; ``rows`` from `summary_rows`, ``claims`` from `claim_rows` (computed here when None)."""
     total = len(protocol.runs("."))
     finished = sum(r.finished for r in results)
-    what = "final held-out accuracy" if protocol.tail_rounds == 1 else \
-        f"held-out accuracy, mean of the last {protocol.tail_rounds} rounds"
+    what = f"final {protocol.metric_label}" if protocol.tail_rounds == 1 else \
+        f"{protocol.metric_label}, mean of the last {protocol.tail_rounds} rounds"
     lines = [f"# Suite `{protocol.name}`: {what} (%)", ""]
     if finished < total:
         lines += [f"**PARTIAL: {finished} of {total} runs finished.** Cells without all "
@@ -691,7 +750,7 @@ def markdown(protocol: SuiteProtocol, results: list[RunResult], rows: list[dict]
               "|---|" + "---:|" * (len(parts) + 1)]
     def spread(r: dict) -> str:
         n = "" if r["seeds"] == len(protocol.seeds) else f" (n={r['seeds']})"
-        return f"{_pct(r['accuracy_mean'])} ± {_pct(r['accuracy_std'])}{n}"
+        return f"{_pct(r[protocol.metric + '_mean'])} ± {_pct(r[protocol.metric + '_std'])}{n}"
 
     for e, cells in _entry_cells(protocol, parts, cell, spread):
         ups = [r["mib_up_mean"] for p in parts if (r := cell.get((e.label, p)))]
@@ -731,8 +790,8 @@ def markdown(protocol: SuiteProtocol, results: list[RunResult], rows: list[dict]
                              f"{_pct(r['diff_hi'], True)}] {r['verdict']}" + (
                                  "" if r["seeds"] == len(protocol.seeds) else f" (n={r['seeds']})"))
             lines.append(f"| {name} | {src} | " + " | ".join(cells) + " |")
-    lines += ["", "## Plateau check: accuracy per 5-round window", "",
-              "Mean held-out accuracy (%) over the window's rounds and the seeds logged so far (unfinished runs "
+    lines += ["", f"## Plateau check: {protocol.metric} per 5-round window", "",
+              f"Mean {protocol.metric_label} (%) over the window's rounds and the seeds logged so far (unfinished runs "
               "included, marked *), to check that the last rounds are on the plateau.", "", *window_lines(protocol,
                                                                                                              results)]
     lines += ["", "## Where the time goes", "", *timing_lines(results), ""]
@@ -751,7 +810,8 @@ def window_lines(protocol: SuiteProtocol, results: list[RunResult], width: int =
                 continue
             cells = []
             for a, b in edges:
-                accs = [h["accuracy"] for r in runs for h in r.history if a <= h["round"] <= b and "accuracy" in h]
+                m = protocol.metric
+                accs = [h[m] for r in runs for h in r.history if a <= h["round"] <= b and m in h]
                 cells.append(_pct(statistics.fmean(accs)) if accs else "")
             star = "" if all(r.finished for r in runs) else " *"
             out.append(f"| {e.label}{star} | {part} | " + " | ".join(cells) + " |")
@@ -805,7 +865,7 @@ def write_reports(protocol: SuiteProtocol, root: str | os.PathLike, out_dir: str
     stem = f"suite-{protocol.name}"
     elapsed = sum(r.process_s or sum(p.get("wall_s", 0.0) for p in r.processes) for r in results) or None
     paths = {
-        "csv": write_csv(round_rows(results), out_dir / f"{stem}.csv", ROUND_FIELDS),
+        "csv": write_csv(round_rows(results, protocol.metric), out_dir / f"{stem}.csv", round_fields(protocol.metric)),
         "summary": write_csv(rows, out_dir / f"{stem}-summary.csv"),
     }
     claims = claim_rows(protocol, results)
@@ -818,11 +878,12 @@ def write_reports(protocol: SuiteProtocol, root: str | os.PathLike, out_dir: str
     curves = {}
     for r in results:
         curves.setdefault(r.spec.partition, {}).setdefault(r.spec.entry.label, []).append(
-            [h["accuracy"] for h in r.history if "accuracy" in h])
-    base = protocol_config(protocol)
-    evaluated = [k for k in range(1, base.rounds + 1) if base.evaluates_at(k)]
+            [h[protocol.metric] for h in r.history if protocol.metric in h])
+    # the rounds that logged the metric (a causal LM's generation metrics only on its generation rounds)
+    evaluated = sorted({h["round"] for r in results for h in r.history if protocol.metric in h})
     paths["curves"] = plot_curve_grid(curves, order, out_dir / f"{stem}-curves.png", rounds=evaluated,
-                                      title=f"suite {protocol.name}: mean held-out accuracy over seeds")
+                                      title=f"suite {protocol.name}: mean {protocol.metric_label} over seeds",
+                                      ylabel=protocol.metric)
     part = protocol.heatmap_partition or protocol.partitions[0]
     maps = {}
     for r in sorted(results, key=lambda r: r.spec.seed):

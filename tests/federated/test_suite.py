@@ -227,3 +227,34 @@ def test_a_run_recorded_under_another_config_is_stale_and_started_over(tmp_path)
     assert spec.state() == "done"
     assert json.loads((spec.folder / "suite-config.json").read_text())["lr"] == spec.config.lr
     assert len(collect(proto, tmp_path)[0].history) == proto.base["rounds"]
+
+
+def test_instruct_protocol_scores_its_metric_not_accuracy(tmp_path):
+    """The instruct suite scores macro ROUGE-L (the causal-LM task's headline metric) of its generation rounds;
+    rounds with only the held-out loss do not count, and the reports name the metric."""
+    from fedkernels.federated.config import STRATEGIES
+    from fedkernels.federated.suite import INSTRUCT, round_rows
+
+    assert INSTRUCT.metric == "rougeL" and INSTRUCT.base["task"] == "causal-lm" and "task" in INSTRUCT.partitions
+    assert {e.strategy for e in INSTRUCT.entries} == set(STRATEGIES) | {"fk-adaptive"}
+    proto = INSTRUCT.restrict(entries=["fedpilot", "fedit-min"], partitions=["task"])
+    cfg = proto.runs(tmp_path)[0].config
+    generation_rounds = [k for k in range(1, cfg.rounds + 1) if cfg.evaluates_at(k)]
+    assert generation_rounds[-proto.tail_rounds:] == list(range(cfg.rounds - proto.tail_rounds + 1, cfg.rounds + 1))
+    results = []
+    for spec in proto.runs(tmp_path):
+        top = 0.5 if spec.entry.label == "fedpilot" else 0.3
+        hist = [{"round": k, "loss": 2.0, "bytes_up": 0, "bytes_down": 0, "sampled": [0], "succeeded": [0],
+                 "skipped": False, **({"rougeL": top + 0.01 * spec.seed} if k in generation_rounds[1:] else
+                    {"rougeL": 0.0} if k in generation_rounds else {})}
+                for k in range(1, cfg.rounds + 1)]
+        results.append(RunResult(spec, hist, finished=True))
+    rows = {r["entry"]: r for r in summary_rows(proto, results)}
+    assert rows["fedpilot"]["rougeL_mean"] == pytest.approx(0.51) and "accuracy_mean" not in rows["fedpilot"]
+    assert rows["fedit-min"]["best_seed_method"] == "fedpilot"
+    assert rows["fedit-min"]["diff_mean"] == pytest.approx(-0.2)
+    md = markdown(proto, results, list(rows.values()))
+    assert "held-out macro ROUGE-L, mean of the last 3 rounds" in md and "| fedpilot | 51.0 ± 1.0 |" in md
+    csv_rows = round_rows(results, proto.metric)
+    assert "accuracy" not in csv_rows[0]
+    assert [r["rougeL"] for r in csv_rows[: cfg.rounds]] == [h.get("rougeL", "") for h in results[0].history]
