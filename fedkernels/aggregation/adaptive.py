@@ -32,6 +32,11 @@ Why each part (issue 15, item 5):
   on tuning seeds 100-101 at dirichlet:0.1 every knapsack strategy predicted a single class (23 %), and the half
   step reached 56.6 / 64.4 % (Fed-HeLLo 41.8 / 34.8 %); at dirichlet:0.5 it reached 92.4 / 94.4 % against 90.6 /
   88.2 % with a full step (mean of rounds 16-20, docs/suite-tuning.md). Only 1.0 and 0.5 were tried.
+* On the plans of ``fedit-min`` (the allocation's coverage floor 1, `planning.AdaptiveOptions.min_coverage`: only
+  the two modules every client affords), this rule against FedIT's separate A/B average, tuning seeds 100-101,
+  mean of rounds 16-20: dirichlet:0.1 80.7 vs 71.3 %, pathological:1 77.0 vs 38.3 %, dirichlet:0.5 94.2 vs 92.7 %.
+  The server step is not what wins there: with a full step 77.6 / 81.6 / 93.7 %, and FedIT with a half step
+  *loses* (57.6 / 25.7 / 92.3 %). The exact product average is.
 * ``GlobalState.extra["update_norms"]``: module -> ``sum_k p_k ||D_k||_F`` (the mean client-update norm over its
   trainers), which the adaptive planner folds into the IG-score (`fedkernels.federated.planning.AdaptiveOptions`).
 

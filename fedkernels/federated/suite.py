@@ -125,7 +125,12 @@ PRESET_ENTRIES: tuple[SuiteEntry, ...] = (
     SuiteEntry("fedit-full", "fedit-full", reference=True, note="FedIT training everything, budgets ignored"),
 )
 OURS = SuiteEntry("fk-adaptive", "fk-adaptive", ours=True,
-                  note="ours: knapsack over modules x ranks re-solved on IG-score, exact product-update aggregation")
+                  note="ours: knapsack over modules x ranks re-solved on IG-score, restricted to modules every client "
+                       "trains (coverage floor 1), exact product-update aggregation, server step 0.5")
+# Ours without the coverage floor (the defaults before session 5): what the floor changes on the reporting seeds.
+OURS_NO_FLOOR = SuiteEntry("fk-adaptive-cover0", "fk-adaptive", ours=True,
+                           note="ours without the coverage floor (min_coverage 0): the rich tiers' low layers too",
+                           options={"allocation_options": {"min_coverage": 0.0}})
 # Is fk-adaptive's gain its server step alone? Fed-pilot's rule with the same step (tuning seeds 100-101:
 # dirichlet:0.5 92.9 vs ours 93.3 %, dirichlet:0.1 50.8 vs 60.6 %; docs/suite-protocol-notes.md).
 ABLATION = SuiteEntry("fedpilot-slr0.5", "fedpilot", ablation=True, note="fedpilot with fk-adaptive's server step 0.5",
@@ -239,7 +244,7 @@ PAPER = SuiteProtocol(
     partitions=("iid", "dirichlet:0.5", "dirichlet:0.1", "pathological:1"),
     seeds=(0, 1, 2),
     tail_rounds=5,
-    entries=PRESET_ENTRIES + (OURS, ABLATION) + _hello_entries(),
+    entries=PRESET_ENTRIES + (OURS, OURS_NO_FLOOR, ABLATION) + _hello_entries(),
     heatmap_partition="dirichlet:0.5",
     claims=PAPER_CLAIMS,
     rounds_note=(" (pilot on tuning seed 100: fedpilot flat from round 6 of 40, docs/suite-pilot.md); score = mean "
@@ -279,16 +284,20 @@ TUNING = SuiteProtocol(
     partitions=("dirichlet:0.1", "pathological:1", "dirichlet:0.5"),
     seeds=(100, 101),
     entries=(
-        SuiteEntry("fk-adaptive", "fk-adaptive", ours=True, note="defaults (beta 0, server_lr 0.5, replan_tol 0.05)"),
-        SuiteEntry("fk-adaptive-slr1", "fk-adaptive", ours=True, note="full server step (FedAvg's)",
-                   options={"aggregation_options": {"server_lr": 1.0}}),
+        # the variants before the coverage floor existed ran without it (min_coverage 0, recorded so)
+        SuiteEntry("fk-adaptive-cover0", "fk-adaptive", ours=True,
+                   note="session-4 defaults (beta 0, server_lr 0.5, replan_tol 0.05, no coverage floor)",
+                   options={"allocation_options": {"min_coverage": 0.0}}),
+        SuiteEntry("fk-adaptive-slr1", "fk-adaptive", ours=True, note="full server step (FedAvg's), no floor",
+                   options={"aggregation_options": {"server_lr": 1.0}, "allocation_options": {"min_coverage": 0.0}}),
         SuiteEntry("fk-adaptive-beta0.5", "fk-adaptive", ours=True,
-                   note="full step, coverage compensation beta 0.5, eta_max 1.5 (the first defaults)",
-                   options={"aggregation_options": {"beta": 0.5, "server_lr": 1.0}}),
+                   note="full step, coverage compensation beta 0.5, eta_max 1.5 (the first defaults), no floor",
+                   options={"aggregation_options": {"beta": 0.5, "server_lr": 1.0},
+                            "allocation_options": {"min_coverage": 0.0}}),
         # replan_tol 2.0 is the largest L1 distance of two importance vectors that sum to 1: never re-plan
         SuiteEntry("fk-adaptive-beta0.5-static", "fk-adaptive", ours=True, note="the first defaults, plans solved once",
                    options={"aggregation_options": {"beta": 0.5, "server_lr": 1.0},
-                            "allocation_options": {"replan_tol": 2.0}}),
+                            "allocation_options": {"replan_tol": 2.0, "min_coverage": 0.0}}),
         SuiteEntry("fedhello", "fedhello", note="Fed-HeLLo preset, the best seed method of the first slice"),
         SuiteEntry("fedpilot", "fedpilot", note="Fed-pilot knapsack over modules"),
         SuiteEntry("flexlora", "flexlora", note="FlexLoRA SVD redistribution"),
@@ -297,7 +306,7 @@ TUNING = SuiteProtocol(
         # restricted to modules that >= min_coverage of the clients train (solvers.strategies, module docstring)
         SuiteEntry("fedit-min", "fedit-min", note="FedIT, everyone trains what the smallest client can"),
         SuiteEntry("fk-adaptive-cover1", "fk-adaptive", ours=True,
-                   note="coverage floor 1: only modules every client trains",
+                   note="coverage floor 1: only modules every client trains (the default since)",
                    options={"allocation_options": {"min_coverage": 1.0}}),
         SuiteEntry("fk-adaptive-cover0.6", "fk-adaptive", ours=True,
                    note="coverage floor 0.6: modules the two upper tiers train",
