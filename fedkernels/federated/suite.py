@@ -329,13 +329,14 @@ TUNING = SuiteProtocol(
 # macro ROUGE-L over the three tasks of greedy generations on 12 held-out rows per task, mean of the last rounds.
 INSTRUCT_BASE = dict(
     model="smollm2-135m", dataset="instruct-mix", task="causal-lm", num_clients=6, fraction=0.5, local_steps=3,
-    batch_size=1, seq_len=128, lora_rank=8, lora_alpha=16.0, lr=2e-3, max_examples=300, max_eval=24,
+    batch_size=1, seq_len=128, lora_rank=8, lora_alpha=16.0, lr=2e-3, max_examples=300, max_eval=36,
     gen_eval_per_task=12, max_new_tokens=16, budget_tiers=[0.15, 0.5, 1.0, 0.5, 1.0, 0.15])
 INSTRUCT_PILOT = SuiteProtocol(
     name="instruct-pilot",
     description="the instruct protocol's setting on tuning seed 100, task partition, fedpilot, 12 rounds, "
                 "generation every 2 rounds, to choose the rounds",
-    base={**INSTRUCT_BASE, "rounds": 12, "eval_every": 2, "eval_last": 1},
+    # the pilot ran with 24 held-out rows (8 per task); the protocol then took 36 so each task has 12
+    base={**INSTRUCT_BASE, "rounds": 12, "eval_every": 2, "eval_last": 1, "max_eval": 24},
     partitions=("task",),
     seeds=(100,),
     entries=(PRESET_ENTRIES[0],),
@@ -343,6 +344,9 @@ INSTRUCT_PILOT = SuiteProtocol(
     metric="rougeL",
     metric_label="held-out macro ROUGE-L",
 )
+# Instruct rounds from its pilot (tuning seed 100, task partition, fedpilot, 12 rounds, generation every 2;
+# docs/suite-instruct-pilot.md): macro ROUGE-L 34.1, 32.4, 26.9, 27.4, 27.9, 27.9 % at rounds 2-12 and the held-out
+# loss 2.59, 2.38, 2.26, 2.34, 2.36, 2.51: both flat from round 6 on. 8 rounds, scored on rounds 6-8.
 INSTRUCT_ROUNDS = 8
 INSTRUCT = SuiteProtocol(
     name="instruct",
