@@ -133,6 +133,11 @@ OURS_NO_FLOOR = SuiteEntry("fk-adaptive-cover0", "fk-adaptive", ours=True,
                            options={"allocation_options": {"min_coverage": 0.0}})
 # Is fk-adaptive's gain its server step alone? Fed-pilot's rule with the same step (tuning seeds 100-101:
 # dirichlet:0.5 92.9 vs ours 93.3 %, dirichlet:0.1 50.8 vs 60.6 %; docs/suite-protocol-notes.md).
+# Is ours' gain over fedit-min (the same plans under the floor) its server step? Ours with a full step (tuning seeds:
+# about the same, 77.6 / 81.6 / 93.7 vs 80.7 / 77.0 / 94.2 %; docs/suite-protocol-notes.md).
+OURS_FULL_STEP = SuiteEntry("fk-adaptive-fullstep", "fk-adaptive", ours=True,
+                            note="ours with a full server step (server_lr 1, FedAvg's)",
+                            options={"aggregation_options": {"server_lr": 1.0}})
 ABLATION = SuiteEntry("fedpilot-slr0.5", "fedpilot", ablation=True, note="fedpilot with fk-adaptive's server step 0.5",
                       options={"aggregation_options": {"server_lr": 0.5}})
 
@@ -244,7 +249,7 @@ PAPER = SuiteProtocol(
     partitions=("iid", "dirichlet:0.5", "dirichlet:0.1", "pathological:1"),
     seeds=(0, 1, 2),
     tail_rounds=5,
-    entries=PRESET_ENTRIES + (OURS, OURS_NO_FLOOR, ABLATION) + _hello_entries(),
+    entries=PRESET_ENTRIES + (OURS, OURS_NO_FLOOR, OURS_FULL_STEP, ABLATION) + _hello_entries(),
     heatmap_partition="dirichlet:0.5",
     claims=PAPER_CLAIMS,
     rounds_note=(" (pilot on tuning seed 100: fedpilot flat from round 6 of 40, docs/suite-pilot.md); score = mean "
