@@ -22,11 +22,13 @@
   the importance (`StrategyTraits.adaptive`; `fedkernels.federated.planning.Planner` does it).
 
 ``min_coverage`` (knapsack strategies only, ``fedpilot`` and ``fk-adaptive``; our addition, 0 = off): a module is
-kept only if at least that share of the clients (by count) trains it. The knapsacks are solved, modules below the
-floor lose their value, the knapsacks are re-solved and value-0 modules dropped from the plans, until the kept set
-is stable. Why: a low layer only the richest tier can afford is averaged over few clients, so under non-IID data
-it follows those clients' labels (the drift the bucket-effect baseline avoids by training only what everyone
-can); the floor trades that coverage against the extra modules. Removing modules never raises a plan's peak.
+kept only if at least that share of the clients (by count) can train it: the clients at least as rich as the
+poorest client whose plan holds it. The knapsacks are solved, modules below the floor lose their value, the
+knapsacks are re-solved and value-0 modules dropped from the plans, until the kept set is stable (a floor of 1
+keeps what the poorest client trains). Why: a low layer only the richest tier can afford is averaged over few
+clients, so under non-IID data it follows those clients' labels (the drift the bucket-effect baseline avoids by
+training only what everyone can); the floor trades that coverage against the extra modules. Removing modules
+never raises a plan's peak.
 
 When a client cannot afford one whole layer (layer strategies) or all modules at the smallest rank
 (hetlora/flexlora), it trains the modules of the top layer(s) that fit: our adaptation so that every budget
@@ -203,44 +205,48 @@ def _knapsack(ctx: _Ctx, budgets: Mapping, rank_choices, backend: str, time_limi
     return out
 
 
+def _coverage(plans: Mapping, budgets: Mapping) -> dict[str, float]:
+    """Module -> share of the clients that can train it: every client at least as rich as the poorest client whose
+    plan holds it (a larger budget fits any plan a smaller one fits, `MemoryModel.predict` being one function of
+    the plan). Counting only the clients whose *plans* hold a module would miss that the knapsack's optima are not
+    nested: SmolLM2's middle tier trades the top layers the poorest tier trains for more valuable middle ones."""
+    poorest: dict[str, int] = {}
+    for c, p in plans.items():
+        for n in p.modules:
+            poorest[n] = min(poorest.get(n, budgets[c]), budgets[c])
+    n_clients = len(budgets)
+    return {n: sum(b >= lo for b in budgets.values()) / n_clients for n, lo in poorest.items()}
+
+
 def _covered_knapsack(ctx: _Ctx, budgets: Mapping, rank_choices, backend: str, time_limit,
                       min_coverage: float) -> dict:
-    """`_knapsack` restricted to modules that at least ``min_coverage`` of the clients train (module docstring).
+    """`_knapsack` restricted to modules that at least ``min_coverage`` of the clients can train (`_coverage`).
 
-    The kept set only shrinks, so this ends after at most one re-solve per module. When no module reaches the
-    floor, the most covered modules are kept (a floor of 1 on clients with disjoint plans still trains something).
-    A client for which no kept module fits keeps its unrestricted plan, and its message says so.
+    Modules below the floor lose their value and the knapsacks are re-solved, until the kept set is stable; it
+    only shrinks, so this ends after at most one re-solve per module. The poorest client's modules always have
+    coverage 1, so the kept set is never empty and every client can afford some of it (a richer client fits the
+    poorest one's plan); a floor of 1 keeps exactly what the poorest client trains, at each client's best ranks.
     """
     plans = _knapsack(ctx, budgets, rank_choices, backend, time_limit)
     if min_coverage <= 0:
         return plans
-    free, base_values = plans, dict(ctx.values)
+    base_values = dict(ctx.values)
     allowed = set(base_values)
-    need = min_coverage * len(budgets) - 1e-9
     try:
         while True:
-            counts: dict[str, int] = {}
-            for p in plans.values():
-                for n in p.modules:
-                    counts[n] = counts.get(n, 0) + 1
-            keep = {n for n in allowed if counts.get(n, 0) >= need}
-            if not keep:
-                top = max(counts.get(n, 0) for n in allowed)
-                keep = {n for n in allowed if counts.get(n, 0) == top}
+            cover = _coverage(plans, budgets)
+            keep = {n for n in allowed if cover.get(n, 0.0) >= min_coverage - 1e-12}
             if keep == allowed:
                 break
             allowed = keep
             ctx.values = {n: (v if n in allowed else 0.0) for n, v in base_values.items()}
             plans = _knapsack(ctx, budgets, rank_choices, backend, time_limit)
-            for c, p in plans.items():
-                kept = {n: r for n, r in p.modules.items() if n in allowed}
-                if not kept:
-                    p.modules = dict(free[c].modules)
-                    p.message = (p.message + "; " if p.message else "") + (
-                        f"no module trained by >= {min_coverage:g} of the clients fits; unrestricted plan kept")
-                    continue
-                p.modules = kept
-        for p in plans.values():
+            for p in plans.values():  # value-0 modules a knapsack took on a tie are dropped (never raises the peak)
+                p.modules = {n: r for n, r in p.modules.items() if n in allowed}
+        for c, p in plans.items():
+            if not p.modules:  # cannot happen by the argument above; a clear error rather than an idle client
+                raise ProblemError(f"coverage floor {min_coverage:g}: client {c!r} can train none of the "
+                                   f"{len(allowed)} kept modules")
             p.objective = float(sum(base_values.get(n, 0.0) for n in p.modules))
             p.predicted_bytes = ctx.memory.predict(p.modules)
             p.lowest_block = min(ctx.memory.spec(n).block for n in p.modules)

@@ -244,16 +244,40 @@ def test_coverage_floor_keeps_only_shared_modules(floor, strategy, backend, bert
     free = plan_clients(strategy, bert6, budgets, importance=importance, backend=backend, time_limit=10)
     held = plan_clients(strategy, bert6, budgets, importance=importance, backend=backend, time_limit=10,
                         min_coverage=floor)
-    counts = Counter(m for p in held.values() for m in p.modules)
-    assert counts and all(n >= floor * len(budgets) for n in counts.values()), counts
-    # the floor bites here: without it some module is trained by fewer clients than the floor asks
-    assert min(Counter(m for p in free.values() for m in p.modules).values()) < floor * len(budgets)
+    # a module is trainable by every client at least as rich as the poorest client whose plan holds it
+    poorest = {}
+    for c, p in held.items():
+        for m in p.modules:
+            poorest[m] = min(poorest.get(m, budgets[c]), budgets[c])
+    assert poorest and all(sum(b >= lo for b in budgets.values()) >= floor * len(budgets) for lo in poorest.values())
+    # the floor bites here: without it some module is held only by clients richer than the floor allows
+    assert len({m for p in free.values() for m in p.modules}) > len(poorest)
+    if floor == 1.0:  # exactly the poorest client's modules, and every client trains all of them
+        low = min(budgets, key=budgets.get)
+        assert all(set(p.modules) == set(held[low].modules) for p in held.values())
     for c, p in held.items():
         assert p.modules and bert6.predict(p.modules) <= budgets[c]
         assert p.predicted_bytes == bert6.predict(p.modules)
         assert p.lowest_block == min(bert6.spec(m).block for m in p.modules)
         assert "coverage floor" in p.message
         assert p.objective == pytest.approx(sum(importance[m] for m in p.modules))
+
+
+def test_coverage_floor_when_the_knapsack_optima_are_not_nested():
+    """The middle budget's optimum (layer 2, valued 5x) shares no module with the poorest's (layer 5, the only one
+    it affords): counting plans would keep nothing; the floor 1 keeps the poorest's modules for everyone."""
+    mm = synthetic(L=6, static=1000, block_cost=100)
+    importance = {m: (5.0 if mm.spec(m).block == 2 else 1.0) for m in mm.module_names}
+    budgets = {0: 1340, 1: 1640, 2: 2540}
+    free = plan_clients("fk-adaptive", mm, budgets, importance=importance, rank_choices=[8])
+    assert {mm.spec(m).block for m in free[0].modules} == {5} and {mm.spec(m).block for m in free[1].modules} == {2}
+    held = plan_clients("fk-adaptive", mm, budgets, importance=importance, rank_choices=[8], min_coverage=1.0)
+    assert all(set(p.modules) == set(free[0].modules) for p in held.values())
+    half = plan_clients("fk-adaptive", mm, budgets, importance=importance, rank_choices=[8], min_coverage=0.6)
+    # 0.6 of 3 clients: the middle client's layer 2 (clients 1 and 2 = 2/3) stays, the richest's extras go
+    assert {mm.spec(m).block for m in half[1].modules} == {2}
+    assert {mm.spec(m).block for m in half[2].modules} <= {2, 5} and all(mm.predict(p.modules) <= budgets[c]
+                                                                         for c, p in half.items())
 
 
 def test_coverage_floor_zero_is_the_plain_knapsack(bert6):
