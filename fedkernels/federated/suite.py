@@ -1,6 +1,7 @@
 """The quality benchmark suite (issue 15): a fixed protocol, one process per run, resumable, with reports.
 
-``fedkernels compare --suite paper`` runs `PAPER`; ``--suite quick`` runs `QUICK` (tiny-bert, seconds, for CI).
+``fedkernels compare --suite paper`` runs `PAPER`; ``--suite quick`` runs `QUICK` (tiny-bert, seconds, for CI);
+``--suite instruct`` runs `INSTRUCT`.
 
 Protocol (`SuiteProtocol`): one task, a base `FederatedConfig`, partitions, reporting seeds, and entries
 (`SuiteEntry`: a preset plus an optional allocation override such as ``fedhello-gd:triangle``). Every
@@ -24,9 +25,10 @@ partition over seeds, the paired difference to the best seed method with a 95 % 
 papers' orderings, `Claim`, with a verdict each), ``<name>-orderings.csv``, ``<name>-curves.png`` and
 ``<name>-allocation.png`` (grid layouts, readable at 16 entries).
 
-The instruction task is not in a protocol yet: on this 2-core CPU one SmolLM2 run costs about 4 min of memory-model
-calibration plus 20-60 s per round (README, the instruct demo), so 9 strategies x 3 seeds x 10+ rounds is about
-5 h of run-process time before its pilot; it is the next protocol to add.
+``--suite instruct`` (`INSTRUCT`) is the instruction task: SmolLM2-135M on the bundled instruct-mix, scored by
+macro ROUGE-L (`SuiteProtocol.metric`), its rounds from ``--suite instruct-pilot``. Every run of a protocol shares
+one memory-model calibration per machine (``<root>/.calibration-cache``, `planning.load_cached_calibration`), so a
+SmolLM2 run costs ~50 s of set-up instead of ~4 min.
 
 A strategy of our own plugs in as one more `SuiteEntry` with ``ours=True``: it is then compared to the
 best seed method like every other entry but never chosen as that reference.
