@@ -1,9 +1,9 @@
-"""Print the README's two paper-suite tables from the suite's CSVs (``docs/suite-paper-summary.csv`` and
-``docs/suite-paper-orderings.csv``, written by ``fedkernels compare --suite paper``).
+"""Print the README's suite tables from the suite's CSVs (``docs/suite-<name>-summary.csv`` and
+``docs/suite-<name>-orderings.csv``, written by ``fedkernels compare --suite <name>``).
 
 The README keeps its prose by hand; the tables come from here so a number in them is one the suite wrote:
 
-    python bench/suite_readme_tables.py [--docs docs] > /tmp/tables.md
+    python bench/suite_readme_tables.py [--docs docs] [--suite paper|instruct] > /tmp/tables.md
 """
 
 from __future__ import annotations
@@ -12,28 +12,34 @@ import argparse
 import csv
 from pathlib import Path
 
-PARTITIONS = ("iid", "dirichlet:0.5", "dirichlet:0.1", "pathological:1")
-
 
 def _pts(x: str) -> float:
     return 100 * float(x)
 
 
+def _metric(rows: list[dict]) -> str:
+    """The scored metric: the ``<metric>_mean`` column (``accuracy`` for the paper suite, ``rougeL`` for instruct)."""
+    return next(k[: -len("_mean")] for k in rows[0] if k.endswith("_mean") and k not in ("mib_up_mean", "diff_mean"))
+
+
 def summary_table(rows: list[dict], ours: str = "fk-adaptive") -> str:
     """Strategy rows, partition columns: mean ± std and below it the paired difference to the best seed method."""
+    parts = tuple(dict.fromkeys(r["partition"] for r in rows))  # the protocol's order
+    metric = _metric(rows)
     by = {(r["entry"], r["partition"]): r for r in rows}
     entries = list(dict.fromkeys(r["entry"] for r in rows))
     # ours first, then the others by their mean over the partitions they ran (a reader looks for the top)
-    entries.sort(key=lambda e: (e != ours, -sum(_pts(by[e, p]["accuracy_mean"]) for p in PARTITIONS if (e, p) in by)))
-    out = ["| strategy | " + " | ".join(PARTITIONS) + " |", "|---|" + "---:|" * len(PARTITIONS)]
+    entries.sort(key=lambda e: (e != ours, -sum(_pts(by[e, p][f"{metric}_mean"]) for p in parts if (e, p) in by)))
+    out = ["| strategy | " + " | ".join(parts) + " |", "|---|" + "---:|" * len(parts)]
     for e in entries:
         cells = []
-        for p in PARTITIONS:
+        for p in parts:
             r = by.get((e, p))
             if r is None:
                 cells.append("not run")
                 continue
-            head = f"{_pts(r['accuracy_mean']):.1f} ± {_pts(r['accuracy_std'] or 0):.1f}"
+            std = r[f"{metric}_std"]
+            head = f"{_pts(r[f'{metric}_mean']):.1f} ± {_pts(std) if std and std != 'nan' else float('nan'):.1f}"
             n = int(r["seeds"])
             if n < 3:
                 head += f" ({n} seed{'s' if n > 1 else ''})"
@@ -50,13 +56,13 @@ def summary_table(rows: list[dict], ours: str = "fk-adaptive") -> str:
     return "\n".join(out)
 
 
-def orderings_table(rows: list[dict]) -> str:
+def orderings_table(rows: list[dict], parts: tuple[str, ...]) -> str:
     by = {(r["claim"], r["partition"]): r for r in rows}
     claims = list(dict.fromkeys(r["claim"] for r in rows))
-    out = ["| claim | " + " | ".join(PARTITIONS) + " |", "|---|" + "---:|" * len(PARTITIONS)]
+    out = ["| claim | " + " | ".join(parts) + " |", "|---|" + "---:|" * len(parts)]
     for c in claims:
         cells = []
-        for p in PARTITIONS:
+        for p in parts:
             r = by.get((c, p))
             if r is None or not r["diff_mean"]:
                 cells.append("")
@@ -70,12 +76,14 @@ def orderings_table(rows: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--docs", type=Path, default=Path("docs"))
+    ap.add_argument("--suite", default="paper")
     args = ap.parse_args()
-    with open(args.docs / "suite-paper-summary.csv", newline="") as f:
+    with open(args.docs / f"suite-{args.suite}-summary.csv", newline="") as f:
         summary = list(csv.DictReader(f))
-    with open(args.docs / "suite-paper-orderings.csv", newline="") as f:
+    with open(args.docs / f"suite-{args.suite}-orderings.csv", newline="") as f:
         orderings = list(csv.DictReader(f))
-    print(summary_table(summary), "", orderings_table(orderings), sep="\n")
+    parts = tuple(dict.fromkeys(r["partition"] for r in summary))
+    print(summary_table(summary), "", orderings_table(orderings, parts), sep="\n")
 
 
 if __name__ == "__main__":
