@@ -66,6 +66,8 @@ class StrategyTraits:
     one module at the smallest rank choice. ``budgeted``: its plans fit the budgets (all but ``full``).
     ``adaptive``: its plans are re-solved during the run from importance that follows training (IG-score of
     the local Fisher mass and the aggregated update norms), when that importance changes.
+    ``knapsack``: its plans are the memory model's knapsack solved per client, so a coverage floor
+    (``min_coverage``) applies to it.
     """
 
     randomised: bool = False
@@ -73,11 +75,12 @@ class StrategyTraits:
     ranks: bool = False
     budgeted: bool = True
     adaptive: bool = False
+    knapsack: bool = False
 
 
 # base strategy name -> its traits (the registry `parse_strategy` validates against)
 TRAITS: dict[str, StrategyTraits] = {
-    "fedpilot": StrategyTraits(needs_importance=True),
+    "fedpilot": StrategyTraits(needs_importance=True, knapsack=True),
     "fedhello-fim": StrategyTraits(needs_importance=True),
     "fedhello-gd": StrategyTraits(),
     "fedhello-rgd": StrategyTraits(randomised=True),
@@ -86,7 +89,7 @@ TRAITS: dict[str, StrategyTraits] = {
     "flexlora": StrategyTraits(ranks=True),
     "uniform-min": StrategyTraits(),
     "full": StrategyTraits(budgeted=False),
-    "fk-adaptive": StrategyTraits(needs_importance=True, ranks=True, adaptive=True),
+    "fk-adaptive": StrategyTraits(needs_importance=True, ranks=True, adaptive=True, knapsack=True),
 }
 _PATTERNED = ("fedhello-gd", "fedhello-rgd")
 _SIMPLE = tuple(n for n in TRAITS if n not in _PATTERNED)
@@ -308,8 +311,9 @@ def plan_clients(
     base, pattern, orient = parse_strategy(strategy)
     if isinstance(min_coverage, bool) or not isinstance(min_coverage, int | float) or not 0 <= min_coverage <= 1:
         raise ProblemError(f"min_coverage must be a number in [0, 1], got {min_coverage!r}")
-    if min_coverage and base not in ("fedpilot", "fk-adaptive"):
-        raise ProblemError(f"min_coverage applies to the knapsack strategies (fedpilot, fk-adaptive), "
+    if min_coverage and not TRAITS[base].knapsack:
+        knapsacks = ", ".join(n for n, t in TRAITS.items() if t.knapsack)
+        raise ProblemError(f"min_coverage applies to the knapsack strategies ({knapsacks}), "
                            f"not {strategy!r}; got {min_coverage!r}")
     if not isinstance(memory, MemoryModel):
         raise ProblemError(f"plan_clients needs a solvers.memory_model.MemoryModel, got {type(memory).__name__}")

@@ -243,6 +243,12 @@ def check_server_lr(rule: str, value: Any) -> None:
         raise ConfigError(f"{rule} option server_lr must be a number in (0, 1], got {value!r}")
 
 
+def step_toward(old: torch.Tensor, target: torch.Tensor, step: float, dtype: torch.dtype) -> torch.Tensor:
+    """``old + step * (target - old)`` computed in ``dtype``, returned in ``old``'s dtype: a server step of ``step``
+    from the global factor towards the clients' average (Fed-pilot's eta, a rule's ``server_lr``)."""
+    return (old.to(dtype) + step * (target.to(dtype) - old.to(dtype))).to(old.dtype)
+
+
 def _sort_key(u: ClientUpdate) -> tuple:
     return (0, int(u.client_id), "") if _is_int(u.client_id) else (1, 0, repr(u.client_id))
 

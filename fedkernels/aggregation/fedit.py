@@ -24,6 +24,7 @@ from fedkernels.aggregation.base import (
     check_server_lr,
     compute_dtype,
     folded,
+    step_toward,
 )
 from fedkernels.errors import ConfigError
 
@@ -61,6 +62,5 @@ class FedIT(AggregationRule):
             avgA, avgB = average_by_rank(gA, gB, contribs, pad=self.options.pad)
             step = float(self.options.server_lr)
             if step != 1.0:  # exactly the paper's rule at 1 (no rounding through the interpolation)
-                avgA = (gA.to(dt) + step * (avgA.to(dt) - gA.to(dt))).to(gA.dtype)
-                avgB = (gB.to(dt) + step * (avgB.to(dt) - gB.to(dt))).to(gB.dtype)
+                avgA, avgB = step_toward(gA, avgA, step, dt), step_toward(gB, avgB, step, dt)
             state.factors[m] = (avgA, avgB)

@@ -23,6 +23,7 @@ from fedkernels.aggregation.base import (
     compute_dtype,
     folded,
     note_untrained,
+    step_toward,
 )
 from fedkernels.errors import ConfigError
 
@@ -91,9 +92,7 @@ class FedPilot(AggregationRule):
             dt = compute_dtype(gA)
             contribs = [(*folded(u, m, state.scales[m], dt), p) for u, p in ts]
             avgA, avgB = average_by_rank(gA, gB, contribs, pad="rows")  # = theta_g + Delta on covered rows
-            newA = gA.to(dt) + eta * (avgA.to(dt) - gA.to(dt))
-            newB = gB.to(dt) + eta * (avgB.to(dt) - gB.to(dt))
-            state.factors[m] = (newA.to(gA.dtype), newB.to(gB.dtype))
+            state.factors[m] = (step_toward(gA, avgA, eta, dt), step_toward(gB, avgB, eta, dt))
             stale[m] = 0
         state.extra["staleness"] = stale
         if etas:

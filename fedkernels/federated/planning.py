@@ -35,12 +35,13 @@ class AdaptiveOptions:
 
     Free parameters (our interpretation; defaults tuned on seeds 100-101, never on the reporting seeds):
     ``ig_lambda`` (0.5, Fed-pilot's equal mix), ``replan_tol`` (0.05), ``decay`` (EMA weight of the old value, 0.5),
-    ``min_coverage`` (the share of clients that must train a module for it to be kept, `solvers.strategies`; it
-    counts over all clients' plans, which the planner solves together; 0 = off). Default 1.0: only modules every
-    client can afford. On the tuning seeds (MiniLM-L6, BBC News, 20 clients in 3 tiers) it lifted the score from
-    60.6 to 80.7 % at dirichlet:0.1 and to 77.0 % at pathological:1 (the floor 0.6: 66.5 / 41.2 %), where the few
-    clients that can afford the low layers pull them towards their own labels; at iid the unrestricted plans were
-    0.5 points better on the reporting seeds (not resolved), so set 0 for near-IID data (docs/suite-protocol-notes.md).
+    ``min_coverage`` (the share of clients that must be able to train a module for it to be kept,
+    `solvers.strategies`; it counts over all clients' plans, which the planner solves together; 0 = off). Default
+    1.0: only modules every client can afford. On the tuning seeds (MiniLM-L6, BBC News, 20 clients in 3 tiers) it
+    lifted the score from 60.6 to 80.7 % at dirichlet:0.1 and to 77.0 % at pathological:1 (the floor 0.6: 66.5 /
+    41.2 %), where the few clients that can afford the low layers pull them towards their own labels; at iid the
+    unrestricted plans were 0.5 points better on the reporting seeds (not resolved), so set 0 for near-IID data
+    (docs/suite-protocol-notes.md).
     """
 
     ig_lambda: float = 0.5
@@ -153,19 +154,12 @@ def load_cached_calibration(key: str):
 
 
 def store_calibration(key: str, memory) -> None:
-    """Write ``memory`` under ``key`` into ``$FEDKERNELS_CALIBRATION_DIR`` atomically (temp file + rename), if set."""
-    import json
-    import tempfile
+    """Write ``memory`` under ``key`` into ``$FEDKERNELS_CALIBRATION_DIR``, if set (`io.atomic_write_json`)."""
+    from fedkernels.io import atomic_write_json
 
     root = os.environ.get(CALIBRATION_DIR_ENV)
-    if not root:
-        return
-    folder = Path(root)
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump({"key": key, "memory_model": memory.to_dict()}, fh)
-    os.replace(tmp, folder / f"{_disk_key(key)}.json")
+    if root:
+        atomic_write_json(Path(root) / f"{_disk_key(key)}.json", {"key": key, "memory_model": memory.to_dict()})
 
 
 class Planner:

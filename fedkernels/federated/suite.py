@@ -133,13 +133,13 @@ OURS = SuiteEntry("fk-adaptive", "fk-adaptive", ours=True,
 OURS_NO_FLOOR = SuiteEntry("fk-adaptive-cover0", "fk-adaptive", ours=True,
                            note="ours without the coverage floor (min_coverage 0): the rich tiers' low layers too",
                            options={"allocation_options": {"min_coverage": 0.0}})
-# Is fk-adaptive's gain its server step alone? Fed-pilot's rule with the same step (tuning seeds 100-101:
-# dirichlet:0.5 92.9 vs ours 93.3 %, dirichlet:0.1 50.8 vs 60.6 %; docs/suite-protocol-notes.md).
 # Is ours' gain over fedit-min (the same plans under the floor) its server step? Ours with a full step (tuning seeds:
 # about the same, 77.6 / 81.6 / 93.7 vs 80.7 / 77.0 / 94.2 %; docs/suite-protocol-notes.md).
 OURS_FULL_STEP = SuiteEntry("fk-adaptive-fullstep", "fk-adaptive", ours=True,
                             note="ours with a full server step (server_lr 1, FedAvg's)",
                             options={"aggregation_options": {"server_lr": 1.0}})
+# Is fk-adaptive's gain its server step alone? Fed-pilot's rule with the same step (tuning seeds 100-101:
+# dirichlet:0.5 92.9 vs ours 93.3 %, dirichlet:0.1 50.8 vs 60.6 %; docs/suite-protocol-notes.md).
 ABLATION = SuiteEntry("fedpilot-slr0.5", "fedpilot", ablation=True, note="fedpilot with fk-adaptive's server step 0.5",
                       options={"aggregation_options": {"server_lr": 0.5}})
 
@@ -220,14 +220,6 @@ class SuiteProtocol:
                                              "output_dir": str(folder)})
                     out.append(RunSpec(e, part, seed, folder, cfg))
         return out
-
-
-def protocol_config(protocol: SuiteProtocol):
-    """The protocol's base `FederatedConfig` (first entry's strategy), for its round and evaluation schedule."""
-    from fedkernels.federated.config import FederatedConfig
-
-    e = protocol.entries[0]
-    return FederatedConfig(**{**protocol.base, "strategy": e.strategy, "allocation": e.allocation})
 
 
 def _safe(name: str) -> str:
@@ -332,7 +324,7 @@ TUNING = SuiteProtocol(
 # instruct-mix (BBC headline, BBC topic, tweet sentiment), one task per client (``task``: the non-IID split of the
 # instruction-tuning papers) and iid. Sized for the 2-core CPU from the instruct demo (README): 6 clients in 3
 # tiers arranged so every task sits with two tiers, 3 per round, 3 local AdamW steps of 1 x 128 tokens; the memory
-# model's 37 calibration steps (~4 min) are measured once per machine (the suite's calibration cache). Score:
+# model's 37 calibration steps (49 s idle, ~4 min loaded) are measured once per machine (the calibration cache). Score:
 # macro ROUGE-L over the three tasks of greedy generations on 12 held-out rows per task, mean of the last rounds.
 INSTRUCT_BASE = dict(
     model="smollm2-135m", dataset="instruct-mix", task="causal-lm", num_clients=6, fraction=0.5, local_steps=3,
@@ -455,7 +447,7 @@ def run_suite(
     child_env = {**os.environ, **(env or {})}
     child_env.setdefault("OMP_NUM_THREADS", "1")  # 2 shared cores: one thread per run process
     # Every run of a protocol calibrates the same model on the same probe batch: measure once, reuse across the
-    # worker processes (`planning.load_cached_calibration`; SmolLM2's calibration is ~4 min on this CPU)
+    # worker processes (`planning.load_cached_calibration`; SmolLM2's took 49 s on an idle 2-core CPU, ~4 min loaded)
     from fedkernels.federated.planning import CALIBRATION_DIR_ENV
 
     child_env.setdefault(CALIBRATION_DIR_ENV, str(Path(root) / CALIBRATION_CACHE))
@@ -634,15 +626,12 @@ def round_rows(results: list[RunResult], metric: str = "accuracy") -> list[dict]
                 "entry": r.spec.entry.label, "strategy": r.spec.entry.strategy,
                 "allocation": r.spec.entry.allocation or "", "partition": r.spec.partition, "seed": r.spec.seed,
                 "round": h["round"], "finished": r.finished,
-                "accuracy": h.get("accuracy", ""), "loss": h.get("loss", ""),  # "": not evaluated that round
+                metric: h.get(metric, ""), "loss": h.get("loss", ""),  # "": not evaluated that round
                 "sampled": len(h["sampled"]), "succeeded": len(h["succeeded"]), "skipped": h["skipped"],
                 "mib_up": h["bytes_up"] / 2**20, "mib_down": h["bytes_down"] / 2**20,
                 "plan_s": t.get("plan", 0.0), "train_s": t.get("train", 0.0), "aggregate_s": t.get("aggregate", 0.0),
                 "eval_s": t.get("eval", 0.0), "round_s": h.get("wall_s", 0.0),
             })
-            if metric != "accuracy":
-                del rows[-1]["accuracy"]
-                rows[-1][metric] = h.get(metric, "")
     return rows
 
 
