@@ -262,8 +262,8 @@ def compare(
                               "first N reporting seeds)."),
     config: Path = typer.Option(None, "--config", "-c"),
     suite: str = typer.Option(None, "--suite", help="Run a fixed protocol of fedkernels.federated.suite: paper | "
-                              "quick | pilot | tuning | instruct | instruct-pilot. Resumable: finished runs are "
-                              "skipped, killed ones resume."),
+                              "quick | pilot | tuning | instruct | instruct-pilot | instruct-tuning. Resumable: "
+                              "finished runs are skipped, killed ones resume."),
     root: Path = typer.Option(None, "--root", help="--suite: folder of the run folders (default runs/suite-<name>)."),
     out: Path = typer.Option(None, "--out", help="--suite: folder for the CSV/MD/PNG reports (default --root)."),
     jobs: int = typer.Option(1, "--jobs", "-j", help="--suite: run processes at once."),

@@ -53,6 +53,22 @@ def test_paper_protocol_is_the_documented_one():
     assert len(specs) == len(labels) * 4 * 3 and len({s.folder for s in specs}) == len(specs)
 
 
+def test_every_protocol_builds_valid_paired_configs_and_tunes_on_tuning_seeds_only():
+    from fedkernels.federated.suite import PROTOCOLS
+
+    for name, proto in PROTOCOLS.items():
+        specs = proto.runs("/nonexistent")  # FederatedConfig validates every field of every run
+        assert len({s.folder for s in specs}) == len(specs) == len(proto.entries) * len(proto.partitions) * len(
+            proto.seeds), name
+        if "tuning" in name or "pilot" in name:
+            assert set(proto.seeds) <= set(proto.tuning_seeds) and min(proto.seeds) >= 100, name
+    tuning = PROTOCOLS["instruct-tuning"]
+    assert tuning.metric == "rougeL" and tuning.base == PROTOCOLS["instruct"].base
+    opts = {e.label: e.options for e in tuning.entries}
+    assert opts["fk-adaptive-cover0-slr1"] == {"allocation_options": {"min_coverage": 0.0},
+                                               "aggregation_options": {"server_lr": 1.0}}
+
+
 def test_runs_of_different_strategies_are_paired(tmp_path):
     """Same seed: identical model init, test split, partitions and sampled clients; only the strategy differs."""
     specs = {(s.entry.label, s.partition, s.seed): s for s in QUICK.restrict(seeds=[0, 1]).runs(tmp_path)}
