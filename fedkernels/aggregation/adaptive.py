@@ -61,7 +61,7 @@ from fedkernels.aggregation.base import (
     compute_dtype,
 )
 from fedkernels.errors import ConfigError
-from fedkernels.ops.factor_ops import flexlora_redistribute
+from fedkernels.ops.factor_ops import SPLITS, flexlora_redistribute
 
 __all__ = ["FKAdaptive", "FKAdaptiveOptions", "product_delta_norm"]
 
@@ -69,15 +69,19 @@ __all__ = ["FKAdaptive", "FKAdaptiveOptions", "product_delta_norm"]
 @dataclass
 class FKAdaptiveOptions(RuleOptions):
     """``beta``: coverage compensation exponent (0 = none); ``eta_max``: cap of the compensated step (>= 1);
-    ``server_lr``: the server's step on the averaged product change and on the head (1 = the plain average)."""
+    ``server_lr``: the server's step on the averaged product change and on the head (1 = the plain average);
+    ``factor_split``: how the re-factorisation puts the singular values on the factors (`flexlora_redistribute`)."""
 
     beta: float = 0.0  # tuning seeds 100-101: beta 0.5 cost 8.7 points (module docstring)
     eta_max: float = 1.5
     server_lr: float = 0.5  # tuning seeds 100-101: 1.0 -> 0.5 lifted dirichlet:0.1 from 23 to 60 % (docstring)
+    factor_split: str = "balanced"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_server_lr("fk-adaptive", self.server_lr)
+        if self.factor_split not in SPLITS:
+            raise ConfigError(f"fk-adaptive option factor_split must be one of {SPLITS}, got {self.factor_split!r}")
         for k in ("beta", "eta_max"):
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, int | float) or not float("-inf") < v < float("inf"):
@@ -135,7 +139,8 @@ class FKAdaptive(AggregationRule):
                 weights += [eta * p * s_k, -eta * p * s_g]
                 norm += p * product_delta_norm(A, B, gA32[:r], gB32[:, :r], s_k, s_g)
             norms[m] = norm
-            (newA, newB), = flexlora_redistribute(As, Bs, weights, [R], scales=[s_g], compute_dtype=dt)
+            (newA, newB), = flexlora_redistribute(As, Bs, weights, [R], scales=[s_g], compute_dtype=dt,
+                                                   split=self.options.factor_split)
             state.factors[m] = (newA.to(gA.dtype), newB.to(gB.dtype))
         state.extra["update_norms"] = norms
         if etas:

@@ -273,6 +273,11 @@ PILOT = SuiteProtocol(
     tail_rounds=5,
 )
 
+# Ours with A re-split at unit scale (all singular values on B, `flexlora_redistribute`'s ``split``): session 6.
+UNIT_A = SuiteEntry("fk-adaptive-unita", "fk-adaptive", ours=True,
+                    note="ours with the re-factorisation's A at orthonormal rows (factor_split orthonormal-a)",
+                    options={"aggregation_options": {"factor_split": "orthonormal-a"}})
+
 # Tuning of our strategy's free parameters (coverage compensation beta, server step, re-plan tolerance) on tuning
 # seeds only, on the non-IID partitions it is meant to win, beside the seed methods that led the first slice
 # (docs/suite-tuning.md, docs/suite-protocol-notes.md).
@@ -315,6 +320,8 @@ TUNING = SuiteProtocol(
                    options={"allocation_options": {"min_coverage": 1.0}, "aggregation_options": {"server_lr": 1.0}}),
         SuiteEntry("fedit-min-slr0.5", "fedit-min", ablation=True, note="fedit-min with fk-adaptive's server step 0.5",
                    options={"aggregation_options": {"server_lr": 0.5}}),
+        # session 6: the SVD re-split leaves A at sqrt(sigma) of a small update instead of LoRA's unit-scale A
+        UNIT_A,
     ),
     tuning_seeds=(100, 101),
     tail_rounds=5,
@@ -388,6 +395,11 @@ INSTRUCT_TUNING = SuiteProtocol(
         SuiteEntry("fk-adaptive-cover0.6-slr1", "fk-adaptive", ours=True,
                    note="coverage floor 0.6 (modules the two upper tiers train), full server step",
                    options={"allocation_options": {"min_coverage": 0.6}, "aggregation_options": {"server_lr": 1.0}}),
+        UNIT_A,
+        SuiteEntry("fk-adaptive-cover0-unita", "fk-adaptive", ours=True,
+                   note="no coverage floor, A re-split at unit scale",
+                   options={"allocation_options": {"min_coverage": 0.0},
+                            "aggregation_options": {"factor_split": "orthonormal-a"}}),
     ),
     tuning_seeds=(100, 101),
     tail_rounds=3,

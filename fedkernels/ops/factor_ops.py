@@ -21,7 +21,7 @@ from fedkernels.errors import ConfigError, NonFiniteError, RankError, ShapeError
 from fedkernels.ops._backend import resolve_backend
 from fedkernels.ops._scratch import scratch
 
-__all__ = ["stack_lora", "merge_stacked", "factor_svd", "flexlora_redistribute"]
+__all__ = ["SPLITS", "stack_lora", "merge_stacked", "factor_svd", "flexlora_redistribute"]
 
 
 def _weights_tensor(weights, n: int, like: torch.Tensor) -> torch.Tensor:
@@ -257,6 +257,10 @@ def _modules_per_chunk(n_mod: int, S: int, n_in: int, n_out: int, itemsize: int,
     return max(1, min(n_mod, CPU_CHUNK_BYTES // max(1, S * (n_in + n_out) * itemsize)))
 
 
+# How `flexlora_redistribute` puts the singular values on the factors (its docstring).
+SPLITS = ("balanced", "orthonormal-a")
+
+
 def flexlora_redistribute(
     As: Sequence[torch.Tensor],
     Bs: Sequence[torch.Tensor],
@@ -266,12 +270,16 @@ def flexlora_redistribute(
     scales: Sequence[float] | None = None,
     compute_dtype: torch.dtype | None = None,
     modules_per_chunk: int | None = None,
+    split: str = "balanced",
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """FlexLoRA server step: each target gets the best rank-r_i approximation of ``W = sum_k w_k B_k A_k``.
 
-    The FlexLoRA code (`distribute_weight_fast`) puts all singular values on B; we split ``sqrt(sigma)`` between
-    the factors (balanced factors keep the local optimiser's two factors on the same scale; the product, which
-    is all Eckart-Young speaks about, is the same).
+    How the singular values go onto the factors (the product, which is all Eckart-Young speaks about, is the same):
+    ``split="balanced"`` puts ``sqrt(sigma)`` on each (the two factors on one scale); ``"orthonormal-a"`` puts all
+    of them on B and leaves A with orthonormal rows (the FlexLoRA code's `distribute_weight_fast`). The second keeps
+    LoRA's training regime: A at unit scale and B carrying the update, so the gradient on B (``s g (A x)^T``) does
+    not shrink with the update; with the balanced split a small update leaves both factors at ``sqrt(sigma)``, near
+    the saddle at zero, and the next round's local steps move them slowly.
 
     Args:
         As, Bs, weights: as in `stack_lora` (fold each client's LoRA scale s_k into its weight).
@@ -279,6 +287,7 @@ def flexlora_redistribute(
         scales: LoRA scale of each output; ``scales[i] * B_i @ A_i`` is the approximation (default 1.0).
         modules_per_chunk: modules (leading-dim entries) stacked and factorised per step; default: on the CPU as
             many as keep the stacks near `CPU_CHUNK_BYTES` (cache-sized), on a GPU all at once.
+        split: ``"balanced"`` or ``"orthonormal-a"`` (above).
 
     Returns:
         ``[(A_i [..., r_i, in], B_i [..., out, r_i]), ...]`` in the factors' dtype. Ranks above ``rank(W)``'s bound
@@ -295,6 +304,8 @@ def flexlora_redistribute(
             raise ConfigError(f"flexlora_redistribute: scale of target {i} must be positive, got {sc!r}")
     if modules_per_chunk is not None and (isinstance(modules_per_chunk, bool) or int(modules_per_chunk) < 1):
         raise ConfigError(f"flexlora_redistribute: modules_per_chunk must be >= 1, got {modules_per_chunk!r}")
+    if split not in SPLITS:
+        raise ConfigError(f"flexlora_redistribute: split must be one of {SPLITS}, got {split!r}")
     _check_pairs(As, Bs)
     A0, B0 = As[0], Bs[0]
     lead, n_in, n_out = A0.shape[:-2], A0.shape[-1], B0.shape[-2]
@@ -320,10 +331,12 @@ def flexlora_redistribute(
         A_stack, B_stack = _stack_into([A[sl] for A in flat_As], [B[sl] for B in flat_Bs],
                                        w[:, sl] if w.dim() == 2 else w, scratch_roles=("flexlora.A", "flexlora.B"))
         U, s, Vh = _factor_svd(B_stack, A_stack, kmax, compute_dtype, None, vector_roles=("flexlora.U", "flexlora.Vh"))
-        root = torch.sqrt(s)  # [c, kmax]
+        balanced = split == "balanced"
+        on_a, on_b = (torch.sqrt(s), torch.sqrt(s)) if balanced else (torch.ones_like(s), s)  # [c, kmax] each
         for (A_i, B_i), r, sc in zip(outs, ranks, out_scales, strict=True):
             k = min(int(r), kmax)
-            f = root[:, :k] / math.sqrt(sc)
-            torch.mul(Vh[:, :k, :], f[:, :, None], out=A_i[sl, :k, :])  # pad rows (k < r) stay zero
-            torch.mul(U[:, :, :k], f[:, None, :], out=B_i[sl, :, :k])
+            fa = on_a[:, :k] / (math.sqrt(sc) if balanced else 1.0)
+            fb = on_b[:, :k] / (math.sqrt(sc) if balanced else sc)
+            torch.mul(Vh[:, :k, :], fa[:, :, None], out=A_i[sl, :k, :])  # pad rows (k < r) stay zero
+            torch.mul(U[:, :, :k], fb[:, None, :], out=B_i[sl, :, :k])
     return [(A_i.reshape(*lead, *A_i.shape[1:]), B_i.reshape(*lead, *B_i.shape[1:])) for A_i, B_i in outs]

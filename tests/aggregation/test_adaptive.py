@@ -92,6 +92,20 @@ def test_compensation_scales_the_product_step_linearly_and_is_capped():
     assert rule.head_step == 0.5 and aggregation.get("fedpilot").head_step == 1.0
 
 
+def test_orthonormal_a_split_keeps_the_exact_product_and_a_at_unit_scale():
+    torch.manual_seed(5)
+    state = global_state()
+    plans = {0: {"l0.q": R}, 1: {"l0.q": 2}}
+    updates = [_b_only_update(state, 0, plans[0], 30), _b_only_update(state, 1, plans[1], 10)]
+    balanced = aggregation.get("fk-adaptive").aggregate(state, updates, plans).global_state
+    unit = aggregation.get("fk-adaptive", factor_split="orthonormal-a").aggregate(state, updates, plans).global_state
+    A, B = unit.factors["l0.q"]
+    torch.testing.assert_close(_dense(A, B, SCALE), _dense(*balanced.factors["l0.q"], SCALE), rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(A.to(D) @ A.to(D).T, torch.eye(A.shape[0], dtype=D), rtol=0, atol=1e-6)
+    with pytest.raises(ConfigError, match="factor_split must be one of .*got 'sqrt'"):
+        aggregation.get("fk-adaptive", factor_split="sqrt")
+
+
 def test_update_norms_are_the_trainers_mean_client_change():
     torch.manual_seed(3)
     state = global_state()

@@ -90,6 +90,23 @@ def test_flexlora_is_best_rank_r_eckart_young():
         torch.testing.assert_close(torch.linalg.svdvals(B), torch.linalg.svdvals(A), rtol=1e-8, atol=1e-10)
 
 
+def test_flexlora_orthonormal_a_split_is_the_same_best_product_with_unit_a():
+    As, Bs = _clients([4, 8, 2], d_out=30, d_in=26)
+    w = [0.3, 0.5, 0.2]
+    ranks, scales = [3, 9], [0.5, 2.0]
+    dense = sum(wi * B @ A for wi, A, B in zip(w, As, Bs, strict=True))
+    balanced = flexlora_redistribute(As, Bs, w, ranks, scales=scales)
+    unit = flexlora_redistribute(As, Bs, w, ranks, scales=scales, split="orthonormal-a")
+    for (A, B), (A1, B1), r, s in zip(balanced, unit, ranks, scales, strict=True):
+        torch.testing.assert_close(s * B1 @ A1, s * B @ A, rtol=1e-8, atol=1e-10)  # the same product
+        torch.testing.assert_close(A1 @ A1.T, torch.eye(r, dtype=D), rtol=0, atol=1e-10)  # A: orthonormal rows
+        # B carries all of sigma: its singular values are those of the product / s
+        torch.testing.assert_close(torch.linalg.svdvals(B1), torch.linalg.svdvals(dense)[:r] / s, rtol=1e-8,
+                                   atol=1e-10)
+    with pytest.raises(ValueError, match="split must be one of .*'sqrt'"):
+        flexlora_redistribute(As, Bs, w, ranks, split="sqrt")
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
 def test_merge_stacked_torch_in_place(dtype):
     M, out_f, in_f, S = 3, 17, 21, 9
