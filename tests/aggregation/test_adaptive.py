@@ -82,9 +82,9 @@ def test_compensation_scales_the_product_step_linearly_and_is_capped():
         out = rule.aggregate(state, updates, plans).global_state
         got = _dense(*out.factors["l1.q"], SCALE) - _dense(gA, gB, SCALE)
         assert torch.allclose(got, eta * step, atol=1e-9), (beta, eta_max)
-    # the default: no compensation, half a step (beta 0 and server_lr 0.5 won on the tuning seeds, the docstring)
+    # the default: no compensation, a full step (beta 0 and server_lr 1 on the tuning seeds, the docstring)
     out = aggregation.get("fk-adaptive").aggregate(state, updates, plans).global_state
-    assert torch.allclose(_dense(*out.factors["l1.q"], SCALE) - _dense(gA, gB, SCALE), 0.5 * step, atol=1e-9)
+    assert torch.allclose(_dense(*out.factors["l1.q"], SCALE) - _dense(gA, gB, SCALE), step, atol=1e-9)
     # server_lr scales the product step (and declares the head's step), on top of the compensation
     rule = aggregation.get("fk-adaptive", server_lr=0.5, beta=0.5, eta_max=1.5)
     out = rule.aggregate(state, updates, plans).global_state
