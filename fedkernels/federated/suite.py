@@ -357,6 +357,13 @@ INSTRUCT_PILOT = SuiteProtocol(
 # docs/suite-instruct-pilot.md): macro ROUGE-L 34.1, 32.4, 26.9, 27.4, 27.9, 27.9 % at rounds 2-12 and the held-out
 # loss 2.59, 2.38, 2.26, 2.34, 2.36, 2.51: both flat from round 6 on. 8 rounds, scored on rounds 6-8.
 INSTRUCT_ROUNDS = 8
+# Ours with the coverage floor the instruct tuning seeds chose (`--suite instruct-tuning`, mean of seeds 100-101:
+# floor 0.6 27.4 %, floor 0 26.4 % (half step) / 23.4 % (full), floor 1 23.4 %, Fed-pilot 20.7 % macro ROUGE-L). On
+# BBC's tuning seeds 0.6 lost to 1 by 14-36 points under label skew, so the preset keeps 1 and this is a declared
+# per-task setting: the floor is the knob a user sets for the task (README).
+OURS_INSTRUCT_FLOOR = SuiteEntry("fk-adaptive-cover0.6", "fk-adaptive", ours=True,
+                                 note="ours with the instruct-tuned coverage floor 0.6 (the two upper tiers' modules)",
+                                 options={"allocation_options": {"min_coverage": 0.6}})
 INSTRUCT = SuiteProtocol(
     name="instruct",
     description=("SmolLM2-135M-Instruct on the bundled instruct-mix (BBC headline, BBC topic, tweet sentiment; 300 "
@@ -367,7 +374,7 @@ INSTRUCT = SuiteProtocol(
     partitions=("task", "iid"),
     seeds=(0, 1, 2),
     tail_rounds=3,
-    entries=PRESET_ENTRIES + (OURS, OURS_HALF_STEP, OURS_NO_FLOOR),
+    entries=PRESET_ENTRIES + (OURS, OURS_HALF_STEP, OURS_NO_FLOOR, OURS_INSTRUCT_FLOOR),
     heatmap_partition="task",
     claims=PAPER_CLAIMS,
     metric="rougeL",
