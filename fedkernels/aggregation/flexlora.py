@@ -9,9 +9,17 @@ a trainer whose scale differs from the global one gets its own rank-r_k split in
 W_g is never formed: stacking + `fedkernels.ops.factor_svd` (QR of the factors, S x S core SVD), batched over
 every group of modules with equal shapes, trainers, ranks and scales (a 7B adapter set has 224 modules but only a
 few such groups).
+
+Option ``factor_split`` (`flexlora_redistribute`): ``"balanced"`` (default: ``sqrt(sigma)`` on each factor) or
+``"orthonormal-a"`` (the FlexLoRA code's: all of sigma on B). The products, and so every aggregated model, are the
+same; the factors differ, which changes how the next round's local steps move them. For ours the two splits
+measured the same on both tasks' tuning seeds (docs/suite-protocol-notes.md, session 6); the suite's FlexLoRA runs
+used the balanced split.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -20,15 +28,30 @@ from fedkernels.aggregation.base import (
     AggregationRule,
     ClientUpdate,
     GlobalState,
+    RuleOptions,
     compute_dtype,
 )
-from fedkernels.ops.factor_ops import flexlora_redistribute
+from fedkernels.errors import ConfigError
+from fedkernels.ops.factor_ops import SPLITS, flexlora_redistribute
 
-__all__ = ["FlexLoRA"]
+__all__ = ["FlexLoRA", "FlexLoRAOptions"]
+
+
+@dataclass
+class FlexLoRAOptions(RuleOptions):
+    """``factor_split``: how the re-factorisation puts the singular values on the factors (module docstring)."""
+
+    factor_split: str = "balanced"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.factor_split not in SPLITS:
+            raise ConfigError(f"flexlora option factor_split must be one of {SPLITS}, got {self.factor_split!r}")
 
 
 class FlexLoRA(AggregationRule):
     name = "flexlora"
+    Options = FlexLoRAOptions
 
     def _aggregate(self, state: GlobalState, updates: list[ClientUpdate], plans, result: AggregationResult) -> None:
         groups: dict[tuple, list[tuple[str, list[tuple[ClientUpdate, float]]]]] = {}
@@ -48,12 +71,13 @@ class FlexLoRA(AggregationRule):
             m0 = members[0][0]
             weights = [p * float(u.scales[m0]) for u, p in ts0]
             # Same scale as the global: the client's best rank-r_k split is exactly the global factors truncated
-            # to r_k (same SVD, same sqrt split), i.e. what `start_for` gives from the latest global state, so it
+            # to r_k (same SVD, same split), i.e. what `start_for` gives from the latest global state, so it
             # is neither computed nor emitted (a stored one would go stale while the client is not sampled).
             own = [(u, A.shape[-2]) for (u, _), A in zip(ts0, As, strict=True) if float(u.scales[m0]) != s_g]
             ranks = [R] + [r for _, r in own]
             scales = [s_g] + [float(u.scales[m0]) for u, _ in own]
-            outs = flexlora_redistribute(As, Bs, weights, ranks, scales=scales, compute_dtype=dt)
+            outs = flexlora_redistribute(As, Bs, weights, ranks, scales=scales, compute_dtype=dt,
+                                         split=self.options.factor_split)
             gA_new, gB_new = outs[0]
             for j, (m, _) in enumerate(members):
                 state.factors[m] = (gA_new[j].to(gdtype), gB_new[j].to(gdtype))

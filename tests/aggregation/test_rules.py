@@ -231,16 +231,23 @@ def _best_rank_error(dense, r):
     return torch.sqrt((s[r:] ** 2).sum())
 
 
-def test_flexlora_global_and_client_starts_are_best_rank_r():
+@pytest.mark.parametrize("split", ["balanced", "orthonormal-a"])
+def test_flexlora_global_and_client_starts_are_best_rank_r(split):
     gs = global_state()
     plans, ups = round_setup(5)
     ups[1].scales = {m: 4.0 for m in ups[1].scales}  # clients with their own alpha/r
-    res = aggregation.get("flexlora").aggregate(gs, ups, plans)
+    rule = aggregation.get("flexlora", factor_split=split)
+    res = rule.aggregate(gs, ups, plans)
     for m in SHAPES:
         dense = sum(p * _prod(u.factors[m], u.scales[m]) for u, p in _weights(ups, m))
         g = _prod(res.global_state.factors[m], SCALE)
         torch.testing.assert_close(torch.linalg.matrix_norm(dense - g), _best_rank_error(dense, R), rtol=1e-9,
                                    atol=1e-10)
+        if split == "orthonormal-a":  # the FlexLoRA code's split: A with orthonormal rows, sigma on B
+            A = res.global_state.factors[m][0].double()
+            torch.testing.assert_close(A @ A.T, torch.eye(R, dtype=A.dtype), rtol=0, atol=1e-6)
+    with pytest.raises(ConfigError, match="factor_split must be one of .*got 'sqrt'"):
+        aggregation.get("flexlora", factor_split="sqrt")
         for u in ups:
             if m not in u.factors:
                 assert m not in res.client_starts.get(u.client_id, {})
@@ -248,7 +255,7 @@ def test_flexlora_global_and_client_starts_are_best_rank_r():
             r = plans[u.client_id][m]
             if u.scales[m] == SCALE:  # equal scale: the start is the truncated global state
                 assert u.client_id not in res.client_starts
-                A, B = aggregation.get("flexlora").start_for(res.global_state, u.client_id, {m: r})[m]
+                A, B = rule.start_for(res.global_state, u.client_id, {m: r})[m]
             else:
                 A, B = res.client_starts[u.client_id][m]
             assert A.shape == (r, SHAPES[m][1]) and B.shape == (SHAPES[m][0], r)
