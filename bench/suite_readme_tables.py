@@ -39,16 +39,19 @@ def summary_table(rows: list[dict], ours: str = "fk-adaptive") -> str:
                 cells.append("not run")
                 continue
             std = r[f"{metric}_std"]
-            head = f"{_pts(r[f'{metric}_mean']):.1f} ± {_pts(std) if std and std != 'nan' else float('nan'):.1f}"
             n = int(r["seeds"])
+            head = f"{_pts(r[f'{metric}_mean']):.1f}"
+            if n > 1 and std and std != "nan":  # one seed has no spread to print
+                head += f" ± {_pts(std):.1f}"
             if n < 3:
                 head += f" ({n} seed{'s' if n > 1 else ''})"
             if r["best_seed_method"] == e:
                 cells.append(f"**{head}** (best seed method)")
             elif r["diff_mean"]:
-                lo = f"{_pts(r['diff_lo']):+.1f}" if r["diff_lo"] else "n/a"
-                hi = f"{_pts(r['diff_hi']):+.1f}" if r["diff_hi"] else "n/a"
-                cells.append(f"{head}<br>{_pts(r['diff_mean']):+.1f} [{lo}, {hi}]")
+                def bound(x: str) -> str:
+                    return f"{_pts(x):+.1f}" if x and x != "nan" else "n/a"
+
+                cells.append(f"{head}<br>{_pts(r['diff_mean']):+.1f} [{bound(r['diff_lo'])}, {bound(r['diff_hi'])}]")
             else:
                 cells.append(head)
         label = f"{e} (ours)" if e == ours else e
