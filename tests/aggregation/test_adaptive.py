@@ -92,11 +92,16 @@ def test_compensation_scales_the_product_step_linearly_and_is_capped():
     assert rule.head_step == 0.5 and aggregation.get("fedpilot").head_step == 1.0
 
 
-def test_orthonormal_a_split_keeps_the_exact_product_and_a_at_unit_scale():
-    torch.manual_seed(5)
+def _two_clients_on_one_module(seed: int):
+    """Clients 0 (rank R, 30 samples) and 1 (rank 2, 10 samples) changed B of l0.q."""
+    torch.manual_seed(seed)
     state = global_state()
     plans = {0: {"l0.q": R}, 1: {"l0.q": 2}}
-    updates = [_b_only_update(state, 0, plans[0], 30), _b_only_update(state, 1, plans[1], 10)]
+    return state, plans, [_b_only_update(state, 0, plans[0], 30), _b_only_update(state, 1, plans[1], 10)]
+
+
+def test_orthonormal_a_split_keeps_the_exact_product_and_a_at_unit_scale():
+    state, plans, updates = _two_clients_on_one_module(5)
     balanced = aggregation.get("fk-adaptive").aggregate(state, updates, plans).global_state
     unit = aggregation.get("fk-adaptive", factor_split="orthonormal-a").aggregate(state, updates, plans).global_state
     A, B = unit.factors["l0.q"]
@@ -107,10 +112,7 @@ def test_orthonormal_a_split_keeps_the_exact_product_and_a_at_unit_scale():
 
 
 def test_update_norms_are_the_trainers_mean_client_change():
-    torch.manual_seed(3)
-    state = global_state()
-    plans = {0: {"l0.q": R}, 1: {"l0.q": 2}}
-    updates = [_b_only_update(state, 0, plans[0], 30), _b_only_update(state, 1, plans[1], 10)]
+    state, plans, updates = _two_clients_on_one_module(3)
     out = aggregation.get("fk-adaptive").aggregate(state, updates, plans).global_state
     gA, gB = state.factors["l0.q"]
     want = 0.0
