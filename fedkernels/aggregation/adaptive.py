@@ -60,11 +60,12 @@ from fedkernels.aggregation.base import (
     ClientUpdate,
     GlobalState,
     RuleOptions,
+    check_factor_split,
     check_server_lr,
     compute_dtype,
 )
 from fedkernels.errors import ConfigError
-from fedkernels.ops.factor_ops import SPLITS, flexlora_redistribute
+from fedkernels.ops.factor_ops import flexlora_redistribute
 
 __all__ = ["FKAdaptive", "FKAdaptiveOptions", "product_delta_norm"]
 
@@ -84,8 +85,7 @@ class FKAdaptiveOptions(RuleOptions):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_server_lr("fk-adaptive", self.server_lr)
-        if self.factor_split not in SPLITS:
-            raise ConfigError(f"fk-adaptive option factor_split must be one of {SPLITS}, got {self.factor_split!r}")
+        check_factor_split("fk-adaptive", self.factor_split)
         for k in ("beta", "eta_max"):
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, int | float) or not float("-inf") < v < float("inf"):

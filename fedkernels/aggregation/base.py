@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 import torch
 
 from fedkernels.errors import ClientUpdateError, ConfigError, RankError, RejectReason, UnknownModuleError
+from fedkernels.ops.factor_ops import SPLITS
 
 __all__ = [
     "ClientUpdate",
@@ -241,6 +242,13 @@ def check_server_lr(rule: str, value: Any) -> None:
     """A rule's ``server_lr`` option: the server's step towards the clients' average, a number in (0, 1]."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
         raise ConfigError(f"{rule} option server_lr must be a number in (0, 1], got {value!r}")
+
+
+def check_factor_split(rule: str, value: Any) -> None:
+    """A rule's ``factor_split`` option: how its SVD re-factorisation puts the singular values on the factors
+    (`fedkernels.ops.factor_ops.flexlora_redistribute`, which names the choices in ``SPLITS``)."""
+    if value not in SPLITS:
+        raise ConfigError(f"{rule} option factor_split must be one of {SPLITS}, got {value!r}")
 
 
 def step_toward(old: torch.Tensor, target: torch.Tensor, step: float, dtype: torch.dtype) -> torch.Tensor:

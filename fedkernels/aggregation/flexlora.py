@@ -29,10 +29,10 @@ from fedkernels.aggregation.base import (
     ClientUpdate,
     GlobalState,
     RuleOptions,
+    check_factor_split,
     compute_dtype,
 )
-from fedkernels.errors import ConfigError
-from fedkernels.ops.factor_ops import SPLITS, flexlora_redistribute
+from fedkernels.ops.factor_ops import flexlora_redistribute
 
 __all__ = ["FlexLoRA", "FlexLoRAOptions"]
 
@@ -45,8 +45,7 @@ class FlexLoRAOptions(RuleOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.factor_split not in SPLITS:
-            raise ConfigError(f"flexlora option factor_split must be one of {SPLITS}, got {self.factor_split!r}")
+        check_factor_split("flexlora", self.factor_split)
 
 
 class FlexLoRA(AggregationRule):

@@ -331,12 +331,14 @@ def flexlora_redistribute(
         A_stack, B_stack = _stack_into([A[sl] for A in flat_As], [B[sl] for B in flat_Bs],
                                        w[:, sl] if w.dim() == 2 else w, scratch_roles=("flexlora.A", "flexlora.B"))
         U, s, Vh = _factor_svd(B_stack, A_stack, kmax, compute_dtype, None, vector_roles=("flexlora.U", "flexlora.Vh"))
-        balanced = split == "balanced"
-        on_a, on_b = (torch.sqrt(s), torch.sqrt(s)) if balanced else (torch.ones_like(s), s)  # [c, kmax] each
+        root = torch.sqrt(s) if split == "balanced" else None  # [c, kmax]
         for (A_i, B_i), r, sc in zip(outs, ranks, out_scales, strict=True):
-            k = min(int(r), kmax)
-            fa = on_a[:, :k] / (math.sqrt(sc) if balanced else 1.0)
-            fb = on_b[:, :k] / (math.sqrt(sc) if balanced else sc)
-            torch.mul(Vh[:, :k, :], fa[:, :, None], out=A_i[sl, :k, :])  # pad rows (k < r) stay zero
-            torch.mul(U[:, :, :k], fb[:, None, :], out=B_i[sl, :, :k])
+            k = min(int(r), kmax)  # pad rows / columns (k < r) stay zero
+            if root is None:  # orthonormal-a: A = Vh, B = U sigma / s
+                A_i[sl, :k, :].copy_(Vh[:, :k, :])
+                torch.mul(U[:, :, :k], (s[:, :k] / sc)[:, None, :], out=B_i[sl, :, :k])
+            else:
+                f = root[:, :k] / math.sqrt(sc)
+                torch.mul(Vh[:, :k, :], f[:, :, None], out=A_i[sl, :k, :])
+                torch.mul(U[:, :, :k], f[:, None, :], out=B_i[sl, :, :k])
     return [(A_i.reshape(*lead, *A_i.shape[1:]), B_i.reshape(*lead, *B_i.shape[1:])) for A_i, B_i in outs]
