@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from fedkernels.errors import RunFolderError
 from fedkernels.federated import FederatedTrainer
 from fedkernels.io import sha256_file
-from tests.federated.test_trainer import assert_same_factors, cfg, comparable, global_factors
+from tests.federated.test_trainer import assert_same_factors, assert_same_history, cfg, global_factors
 
 
 def test_nan_latest_checkpoint_falls_back_and_resume_matches_the_uninterrupted_run(tmp_path, caplog):
@@ -36,7 +36,7 @@ def test_nan_latest_checkpoint_falls_back_and_resume_matches_the_uninterrupted_r
     assert any(r.getMessage().startswith("resumed from") and r.getMessage().endswith("round-00001 at round 1")
                for r in caplog.records)
     assert_same_factors(want, global_factors(resumed))
-    assert comparable(resumed.history) == comparable(ref.history)
+    assert_same_history(resumed.history, ref.history)
 
 
 def test_fresh_trainer_run_in_a_used_folder_is_refused_and_leaves_it_alone(tmp_path):

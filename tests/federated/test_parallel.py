@@ -6,7 +6,7 @@ import torch
 
 from fedkernels.errors import ConfigError
 from fedkernels.federated import FederatedConfig, FederatedTrainer
-from tests.federated.test_trainer import BASE, comparable, global_factors
+from tests.federated.test_trainer import BASE, assert_same_history, global_factors
 
 
 @pytest.fixture(autouse=True)
@@ -89,7 +89,8 @@ def test_parallel_run_is_deterministic(tmp_path):
     # default dropout on and measure_memory on: a mix of sequential (measuring) and parallel clients
     t1, t2 = make(tmp_path, "a", parallel_clients=2), make(tmp_path, "b", parallel_clients=2)
     s1, s2 = t1.run(), t2.run()
-    assert comparable(s1.history) == comparable(s2.history)
+    assert_same_history(s1.history, s2.history)
+    assert any(c.get("measured_bytes") for h in s1.history for c in h["clients"])  # the measuring clients did
     f1, f2 = global_factors(t1), global_factors(t2)
     assert all(torch.equal(f1[m][0], f2[m][0]) and torch.equal(f1[m][1], f2[m][1]) for m in f1)
     assert 0.0 <= s1.final_accuracy <= 1.0 and not any(h["skipped"] for h in s1.history)
@@ -99,7 +100,7 @@ def test_lora_dropout_falls_back_to_sequential(tmp_path):
     kw = dict(rounds=1, lora_dropout=0.1, measure_memory=False)
     a = make(tmp_path, "a", **kw).run()
     b = make(tmp_path, "b", parallel_clients=3, **kw).run()
-    assert comparable(a.history) == comparable(b.history)
+    assert_same_history(a.history, b.history)
 
 
 def test_parallel_clients_must_be_positive():

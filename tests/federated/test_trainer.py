@@ -23,14 +23,34 @@ def cfg(tmp_path, name="run", **kw):
     return FederatedConfig(**{**BASE, "output_dir": str(tmp_path / name), **kw})
 
 
+# A client's measured peak (CPU: the profiler's allocation events, `solvers.measure`) is a measurement, not a
+# training output: CI once saw the same plan measured 5,296,152 and 5,295,636 B (516 B, 0.01 %) in two identical
+# runs in one process while everything else matched bit for bit. It is compared to this relative tolerance.
+MEASURED_RTOL = 1e-3
+
+
 def comparable(history):
-    """Metrics without wall-clock fields."""
+    """Metrics without wall-clock fields and without the measured peaks (see `assert_same_history`)."""
     out = []
     for h in history:
         h = {k: v for k, v in h.items() if k not in ("timings", "wall_s")}
-        h["clients"] = [{k: v for k, v in c.items() if k != "wall_s"} for c in h["clients"]]
+        h["clients"] = [{k: v for k, v in c.items() if k not in ("wall_s", "measured_bytes")} for c in h["clients"]]
         out.append(h)
     return out
+
+
+def measured(history):
+    return [[c.get("measured_bytes") for c in h["clients"]] for h in history]
+
+
+def assert_same_history(got, want):
+    """Two histories equal in every field but wall-clock ones, measured peaks within `MEASURED_RTOL`."""
+    assert comparable(got) == comparable(want)
+    for g_round, w_round in zip(measured(got), measured(want), strict=True):
+        for g, w in zip(g_round, w_round, strict=True):
+            assert (g is None) == (w is None), (g, w)
+            if w is not None:
+                assert g == pytest.approx(w, rel=MEASURED_RTOL), (g, w)
 
 
 def global_factors(trainer):
@@ -48,7 +68,7 @@ def test_two_runs_are_identical_and_another_seed_differs(tmp_path):
     s1 = t1.run()
     t2 = FederatedTrainer(cfg(tmp_path, "b"))
     s2 = t2.run()
-    assert comparable(s1.history) == comparable(s2.history)
+    assert_same_history(s1.history, s2.history)
     assert_same_factors(global_factors(t1), global_factors(t2))
     t3 = FederatedTrainer(cfg(tmp_path, "c", seed=1))
     s3 = t3.run()
@@ -156,7 +176,7 @@ def test_kill_minus_9_and_resume_matches_uninterrupted(tmp_path):
         h.pop("timings"), h.pop("wall_s")
         for cl in h["clients"]:
             cl.pop("wall_s", None)
-    assert got == comparable(ref_summary.history)
+    assert_same_history(got, ref_summary.history)
     from safetensors.torch import load_file
 
     a = load_file(str(tmp_path / "killed" / "adapter" / "adapter_model.safetensors"))
