@@ -29,6 +29,9 @@ console = Console()
 err = Console(stderr=True)
 
 EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
+# The --suite help names the protocols without importing fedkernels.federated.suite (it loads torch: `--help` must
+# not); tests/test_cli_commands.py checks this list against `suite.PROTOCOLS`.
+SUITE_NAMES = ("paper", "quick", "pilot", "tuning", "instruct", "instruct-pilot", "instruct-tuning")
 
 _state = {"verbose": False}  # set by --verbose (global or per command); read when an error is reported
 
@@ -261,9 +264,8 @@ def compare(
     seeds: int = typer.Option(None, help="Seeds 0..N-1 per strategy and partition (default 1; with --suite: the "
                               "first N reporting seeds)."),
     config: Path = typer.Option(None, "--config", "-c"),
-    suite: str = typer.Option(None, "--suite", help="Run a fixed protocol of fedkernels.federated.suite: paper | "
-                              "quick | pilot | tuning | instruct | instruct-pilot | instruct-tuning. Resumable: "
-                              "finished runs are skipped, killed ones resume."),
+    suite: str = typer.Option(None, "--suite", help="Run a fixed protocol of fedkernels.federated.suite: "
+                              f"{' | '.join(SUITE_NAMES)}. Resumable: finished runs are skipped, killed ones resume."),
     root: Path = typer.Option(None, "--root", help="--suite: folder of the run folders (default runs/suite-<name>)."),
     out: Path = typer.Option(None, "--out", help="--suite: folder for the CSV/MD/PNG reports (default --root)."),
     jobs: int = typer.Option(1, "--jobs", "-j", help="--suite: run processes at once."),

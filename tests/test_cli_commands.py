@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from fedkernels.cli import app
+from fedkernels.cli import SUITE_NAMES, app
 
 TINY = ["--model", "tiny-bert", "--max_examples", "60", "--num_clients", "3", "--fraction", "1", "--rounds", "1",
         "--local_steps", "1", "--batch_size", "4", "--seq_len", "16", "--max_eval", "12", "--lora_rank", "2",
@@ -112,3 +112,15 @@ def test_demo_instruct_runs_its_four_strategies_on_the_lm_task(invoke, tmp_path)
             assert float(r[f"exact_match/{t}"]) == pytest.approx(rec[f"exact_match/{t}"])
     assert "rougeL" in res.stdout and "exact_match/echo" in res.stdout
     assert invoke("demo", "--task", "seq2seq").exit_code == 2
+
+
+def test_suite_help_names_every_protocol_and_only_those(invoke):
+    from fedkernels.federated.suite import PROTOCOLS
+
+    assert sorted(SUITE_NAMES) == sorted(PROTOCOLS)
+    res = invoke("compare", "--help")
+    assert res.exit_code == 0
+    flat = " ".join(res.output.split())
+    for name in PROTOCOLS:
+        assert name in flat, name
+
