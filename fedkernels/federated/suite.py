@@ -68,6 +68,29 @@ __all__ = [
 SUMMARY = "summary.json"
 STATUS = "suite-run.json"  # written by the worker: start/end round, wall time, allocation matrix
 PROCESSES = "suite-processes.jsonl"  # written by the scheduler: each worker process's wall time and exit code
+
+
+def machine_tag() -> str:
+    """CPU model, the kernels torch dispatches to on it, and the torch version, recorded with each run process.
+
+    Why: one config run on two machines gives the same plans but not the same accuracy (float rounding differs
+    between CPU kernels and 20 rounds amplify it: -4.7 to +2.4 points of score in session 7's reruns of the
+    Fed-HeLLo preset), so a paired difference is exact only between runs of one machine tag.
+    """
+    import platform
+
+    import torch
+
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model or platform.processor() or platform.machine()}; {torch.backends.cpu.get_cpu_capability()}; " \
+           f"torch {torch.__version__}"
 INTENDED = "suite-config.json"  # the config the suite wants for this folder (the trainer writes config.json)
 CALIBRATION_CACHE = ".calibration-cache"  # under the suite root, git-ignored: machine-specific measurements
 
@@ -524,7 +547,8 @@ def run_suite(
                 fh.close()
                 running.remove(item)
                 with (spec.folder / PROCESSES).open("a") as log:  # whole process incl. interpreter and imports
-                    log.write(json.dumps({"process_s": time.monotonic() - started, "exit": proc.returncode}) + "\n")
+                    log.write(json.dumps({"process_s": time.monotonic() - started, "exit": proc.returncode,
+                                          "machine": machine_tag()}) + "\n")
                 ok = proc.returncode == 0 and spec.state() == "done"
                 outcome[spec.key] = "done" if ok else "failed"
                 finished = sum(v in ("done", "failed") for v in outcome.values())

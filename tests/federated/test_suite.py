@@ -132,6 +132,8 @@ def test_quick_suite_resumes_a_killed_run_skips_finished_ones_and_reports(tmp_pa
     assert all(json.loads((s.folder / STATUS).read_text())["processes"][-1]["start_round"] == 0 for s in specs[1:])
 
     before = {s.folder: (s.folder / "suite-processes.jsonl").read_text() for s in specs}
+    procs = [json.loads(x) for text in before.values() for x in text.splitlines()]
+    assert all(p["exit"] == 0 and "torch " in p["machine"] for p in procs)  # which machine ran it: rounding differs
     again = run_suite(QUICK, root, jobs=2, echo=lines.append)
     assert set(again.values()) == {"skipped"}
     assert before == {s.folder: (s.folder / "suite-processes.jsonl").read_text() for s in specs}  # nothing launched
