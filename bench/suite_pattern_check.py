@@ -6,7 +6,8 @@ status) in every round, and the accuracy at every evaluated round.
 
 Why plans and accuracy are reported apart: the plans are integers decided by the memory model, while the
 accuracy is the end of 20 rounds of float training whose rounding depends on the CPU's kernels. Two runs of one
-config on two machines (sessions 5 and 7) matched in every plan and differed by up to 16 points at a single round.
+config on two machines (an earlier session's and session 7's) matched in every plan and differed by up to 16
+points at a single round.
 """
 
 from __future__ import annotations
@@ -16,13 +17,15 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedkernels.federated.suite import PAPER, tail_score
+
 
 @dataclass(frozen=True)
 class PatternCheck:
     run: str  # "<entry folder>/<partition>/seed<k>"
     same_plans: bool  # sampled clients and every client's modules, ranks, planned bytes, status in every round
     same_accuracy: bool  # bit-identical accuracy at every evaluated round
-    score_diff: float  # pattern - preset, accuracy points, mean over the rounds >= ``score_from``
+    score_diff: float  # pattern - preset, accuracy points, of the suite's score (`tail_score`)
     max_round_diff: float  # largest |pattern - preset| at one evaluated round, points
 
 
@@ -39,7 +42,7 @@ def _accuracy(history: list[dict]) -> dict[int, float]:
     return {h["round"]: float(h["accuracy"]) for h in history if h.get("accuracy") is not None}
 
 
-def check_patterns(root: Path, preset: str = "fedhello", score_from: int = 16) -> list[PatternCheck]:
+def check_patterns(root: Path, preset: str = "fedhello", tail: int = PAPER.tail_rounds) -> list[PatternCheck]:
     """One `PatternCheck` per finished run (``summary.json`` present) under ``root/<preset>-*/`` whose preset twin
     ``root/<preset>/<partition>/seed<k>`` has finished too."""
     out = []
@@ -52,8 +55,7 @@ def check_patterns(root: Path, preset: str = "fedhello", score_from: int = 16) -
             acc_a, acc_b = _accuracy(a), _accuracy(b)
             if acc_a.keys() != acc_b.keys():
                 raise ValueError(f"{run}: evaluated rounds {sorted(acc_a)} differ from {twin}'s {sorted(acc_b)}")
-            late = [r for r in acc_a if r >= score_from] or list(acc_a)
-            diff = sum(acc_a[r] - acc_b[r] for r in late) / max(1, len(late))
+            diff = tail_score(a, tail) - tail_score(b, tail)
             out.append(PatternCheck(run=str(run.relative_to(root)), same_plans=_plans(a) == _plans(b),
                                     same_accuracy=acc_a == acc_b, score_diff=100 * diff,
                                     max_round_diff=100 * max((abs(acc_a[r] - acc_b[r]) for r in acc_a), default=0.0)))

@@ -62,12 +62,15 @@ __all__ = [
     "collect",
     "write_reports",
     "paired_interval",
+    "tail_score",
     "claim_rows",
 ]
 
 SUMMARY = "summary.json"
 STATUS = "suite-run.json"  # written by the worker: start/end round, wall time, allocation matrix
 PROCESSES = "suite-processes.jsonl"  # written by the scheduler: each worker process's wall time and exit code
+INTENDED = "suite-config.json"  # the config the suite wants for this folder (the trainer writes config.json)
+CALIBRATION_CACHE = ".calibration-cache"  # under the suite root, git-ignored: machine-specific measurements
 
 
 def machine_tag() -> str:
@@ -91,8 +94,6 @@ def machine_tag() -> str:
         pass
     return f"{model or platform.processor() or platform.machine()}; {torch.backends.cpu.get_cpu_capability()}; " \
            f"torch {torch.__version__}"
-INTENDED = "suite-config.json"  # the config the suite wants for this folder (the trainer writes config.json)
-CALIBRATION_CACHE = ".calibration-cache"  # under the suite root, git-ignored: machine-specific measurements
 
 
 @dataclass(frozen=True)
@@ -525,6 +526,7 @@ def run_suite(
     _sigterm_as_interrupt()
     running: list[tuple[RunSpec, subprocess.Popen, Any, float]] = []
     try:
+        machine = machine_tag()  # one scheduler, one machine: read once, written with each process
         while todo or running:
             while todo and len(running) < jobs:
                 if time_budget_s is not None and time.monotonic() - t0 > time_budget_s:
@@ -548,7 +550,7 @@ def run_suite(
                 running.remove(item)
                 with (spec.folder / PROCESSES).open("a") as log:  # whole process incl. interpreter and imports
                     log.write(json.dumps({"process_s": time.monotonic() - started, "exit": proc.returncode,
-                                          "machine": machine_tag()}) + "\n")
+                                          "machine": machine}) + "\n")
                 ok = proc.returncode == 0 and spec.state() == "done"
                 outcome[spec.key] = "done" if ok else "failed"
                 finished = sum(v in ("done", "failed") for v in outcome.values())
@@ -649,10 +651,14 @@ class RunResult:
     process_s: float = 0.0  # scheduler-measured wall time of every worker process of this run
 
     def score(self, tail: int, metric: str = "accuracy") -> float:
-        """Mean held-out ``metric`` of the last ``tail`` rounds that have it (the protocol's ``eval_last`` evaluates
-        them all)."""
-        accs = [float(h[metric]) for h in self.history if metric in h][-tail:]
-        return statistics.fmean(accs) if accs else float("nan")
+        return tail_score(self.history, tail, metric)
+
+
+def tail_score(history: list[dict], tail: int, metric: str = "accuracy") -> float:
+    """A run's score: mean held-out ``metric`` of the last ``tail`` rounds that have it (the protocol's
+    ``eval_last`` evaluates them all); nan when none has."""
+    accs = [float(h[metric]) for h in history if metric in h][-tail:]
+    return statistics.fmean(accs) if accs else float("nan")
 
 
 def collect(protocol: SuiteProtocol, root: str | os.PathLike) -> list[RunResult]:
