@@ -17,6 +17,11 @@ def _pts(x: str) -> float:
     return 100 * float(x)
 
 
+def _bound(x: str) -> str:
+    """One end of a paired interval in points, ``n/a`` where one seed gave none (empty or nan in the CSV)."""
+    return f"{_pts(x):+.1f}" if x and x != "nan" else "n/a"
+
+
 def _metric(rows: list[dict]) -> str:
     """The scored metric: the ``<metric>_mean`` column (``accuracy`` for the paper suite, ``rougeL`` for instruct)."""
     return next(k[: -len("_mean")] for k in rows[0] if k.endswith("_mean") and k not in ("mib_up_mean", "diff_mean"))
@@ -48,10 +53,7 @@ def summary_table(rows: list[dict], ours: str = "fk-adaptive") -> str:
             if r["best_seed_method"] == e:
                 cells.append(f"**{head}** (best seed method)")
             elif r["diff_mean"]:
-                def bound(x: str) -> str:
-                    return f"{_pts(x):+.1f}" if x and x != "nan" else "n/a"
-
-                cells.append(f"{head}<br>{_pts(r['diff_mean']):+.1f} [{bound(r['diff_lo'])}, {bound(r['diff_hi'])}]")
+                cells.append(f"{head}<br>{_pts(r['diff_mean']):+.1f} [{_bound(r['diff_lo'])}, {_bound(r['diff_hi'])}]")
             else:
                 cells.append(head)
         label = f"{e} (ours)" if e == ours else e

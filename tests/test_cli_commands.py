@@ -123,4 +123,3 @@ def test_suite_help_names_every_protocol_and_only_those(invoke):
     flat = " ".join(res.output.split())
     for name in PROTOCOLS:
         assert name in flat, name
-
